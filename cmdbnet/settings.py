@@ -1,0 +1,241 @@
+"""One settings model for every command.
+
+Why: a run must be reproducible from one file. Every command (prepare, train, evaluate,
+predict, profile-vram, count-params) reads the same :class:`Settings`, the trainer saves it
+beside the run and inside each checkpoint, and ``cmdb config show`` prints what is in force.
+
+Precedence, lowest first: defaults < YAML file (``--config``) < environment
+(``CMDB_<SECTION>__<FIELD>``, e.g. ``CMDB_TRAIN__BATCH=2``) < command-line flags.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .errors import ConfigError
+
+# ImageNet statistics on the 0..255 scale, the scale of 8-bit aerial tiles.
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSettings(_Section):
+    """Where the data is and how crops are cut and augmented."""
+
+    dataset: Literal["potsdam", "vaihingen", "loveda"] = "potsdam"
+    root: Path | None = Field(None, description="raw dataset folder (prepare)")
+    prepared: Path | None = Field(None, description="prepared folder with manifest.json (train, evaluate)")
+    crop: int = Field(256, ge=32, le=8192, description="crop size in pixels")
+    stride: int | None = Field(None, ge=1, description="step between crops; default: the crop size")
+    bands: Literal["rgb", "irrg", "rgbir"] | None = Field(None, description="band choice; default per dataset")
+    eroded: bool = Field(False, description="use eroded (noBoundary) ISPRS labels")
+    workers: int = Field(4, ge=0, le=256, description="data-loader / prepare worker processes")
+    pin_memory: bool = True
+    augment: float = Field(1.0, ge=0.0, le=2.0, description="augmentation strength (0 = none)")
+    mean: list[float] = Field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = Field(default_factory=lambda: list(IMAGENET_STD))
+
+    @model_validator(mode="after")
+    def _stats_match(self) -> "DataSettings":
+        if len(self.mean) != len(self.std):
+            raise ValueError("mean and std must have the same number of bands")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be positive")
+        return self
+
+
+class ModelSettings(_Section):
+    """What network is built; stored in every checkpoint so predict can rebuild it."""
+
+    variant: Literal["full", "cnn_only", "mamba_only", "no_fusion", "no_boundary"] = "full"
+    backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet34"
+    pretrained: Literal["auto", "required", "off"] = Field(
+        "auto", description="ImageNet weights: auto = use if cached, else warn; required = error if missing")
+    backbone_weights: Path | None = Field(None, description="local state-dict file for the CNN backbone")
+    in_channels: int = Field(3, ge=1, le=16)
+    num_classes: int = Field(6, ge=2, le=255)
+    mamba_dims: list[int] = Field(default_factory=lambda: [64, 128, 256, 512])
+    mamba_depths: list[int] = Field(default_factory=lambda: [2, 2, 4, 2])
+    d_state: int = Field(16, ge=1, le=256)
+    ssm_expand: float = Field(2.0, gt=0, le=8)
+    dt_rank: int | Literal["auto"] = "auto"
+    d_conv: int = Field(3, ge=1, le=9)
+    mlp_ratio: float = Field(4.0, ge=0)
+    fusion_channels: int = Field(256, ge=16)
+    drop_path: float = Field(0.1, ge=0, lt=1)
+    checkpointing: bool = Field(False, description="gradient checkpointing of stages (~30% less memory)")
+
+    @field_validator("mamba_dims", "mamba_depths")
+    @classmethod
+    def _four_stages(cls, v: list[int]) -> list[int]:
+        if len(v) != 4 or any(x < 0 for x in v):
+            raise ValueError("needs four non-negative values, one per stage")
+        return v
+
+
+class TrainSettings(_Section):
+    """How a run trains; the memory levers of SPEC.md are all here."""
+
+    out: Path = Field(Path("runs/cmdbnet"), description="run folder")
+    batch: int = Field(4, ge=1, description="micro-batch per device")
+    accum: int = Field(4, ge=1, description="gradient accumulation steps")
+    amp: bool = True
+    amp_dtype: Literal["fp16", "bf16"] = "fp16"
+    epochs: int = Field(300, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    schedule: Literal["poly", "cosine"] = "poly"
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    aux_weight: float = Field(0.4, ge=0)
+    boundary_weight: float = Field(0.3, ge=0)
+    boundary_width: int = Field(3, ge=1)
+    dice_weight: float = Field(1.0, ge=0)
+    class_weights: list[float] | None = None
+    val_interval: int = Field(1, ge=1, description="validate every K epochs")
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    sync_bn: bool = False
+    log_images: int = Field(4, ge=0)
+    max_nonfinite: int = Field(20, ge=1, description="consecutive non-finite losses before stopping")
+    fit_vram: str | None = Field(None, description="memory budget, e.g. 6GB: pick the fastest fitting recipe")
+    resume: Path | None = None
+
+
+class PredictSettings(_Section):
+    """Sliding-window inference over rasters of any size."""
+
+    tile: int = Field(512, ge=32)
+    overlap: float = Field(0.25, ge=0.0, lt=1.0)
+    tta: Literal["none", "flip", "d4"] = "none"
+    batch: int = Field(8, ge=1)
+    format: Literal["index", "color", "both"] = "index"
+    probs: bool = False
+    boundary: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = False
+
+
+_yaml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("cmdb_yaml_file", default=None)
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Reads the ``--config`` file; sits between the defaults and the environment."""
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - whole-file source
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = _yaml_file.get()
+        if path is None:
+            return {}
+        return read_yaml(path)
+
+
+class Settings(BaseSettings):
+    """All settings of cmdbnet, in four sections."""
+
+    model_config = SettingsConfigDict(env_prefix="CMDB_", env_nested_delimiter="__", extra="ignore",
+                                      validate_assignment=True)
+
+    data: DataSettings = Field(default_factory=DataSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    predict: PredictSettings = Field(default_factory=PredictSettings)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A settings file as a mapping, with one clear error when it is missing or malformed."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{p}: not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections (data, model, train, predict)")
+    unknown = sorted(set(data) - set(Settings.model_fields))
+    if unknown:
+        raise ConfigError(f"{p}: unknown section(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(Settings.model_fields)}")
+    return data
+
+
+def format_validation_error(exc: ValidationError, source: str = "settings") -> str:
+    """One readable line per bad field, e.g. ``train.batch: must be >= 1 (got 0)``."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        msg = err.get("msg", "invalid").replace("Value error, ", "")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown setting"
+        got = err.get("input")
+        shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+        lines.append(f"{source}: {loc}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            sub = _drop_none(v)
+            if sub:
+                out[k] = sub
+        elif v is not None:
+            out[k] = v
+    return out
+
+
+def load_settings(config: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Build the effective settings: defaults < ``config`` YAML < CMDB_* env < ``overrides``.
+
+    ``overrides`` is nested by section (``{"train": {"batch": 2}}``); None values mean
+    "flag not given" and are dropped, so an unset flag never hides the file or environment.
+    """
+    token = _yaml_file.set(Path(config) if config else None)
+    try:
+        return Settings(**_drop_none(overrides or {}))
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+    finally:
+        _yaml_file.reset(token)
+
+
+def settings_from_dict(data: dict[str, Any]) -> Settings:
+    """Rebuild settings saved in a checkpoint or run folder, ignoring the environment.
+
+    Why: a checkpoint must rebuild the same network wherever it is loaded, whatever
+    CMDB_* variables that machine happens to have set.
+    """
+    try:
+        return Settings.model_construct(**{
+            "data": DataSettings.model_validate(data.get("data", {})),
+            "model": ModelSettings.model_validate(data.get("model", {})),
+            "train": TrainSettings.model_validate(data.get("train", {})),
+            "predict": PredictSettings.model_validate(data.get("predict", {})),
+        })
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, "saved settings")) from None

@@ -1,0 +1,89 @@
+"""Small helpers shared across layers (no torch-model or dataset knowledge here)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from .errors import CmdbError
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to ``final`` and rename it over ``final`` on success.
+
+    Why: a crash, Ctrl-C or full disk must never leave a half-written crop, manifest,
+    checkpoint or mask that a later run would trust. The temporary file lives in the same
+    folder so the final ``os.replace`` is atomic on every platform.
+    """
+    final = Path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CmdbError(f"cannot create folder {final.parent}: {exc.strerror or exc}") from None
+    sfx = suffix if suffix is not None else "".join(final.suffixes[-1:])
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".part{sfx}", dir=final.parent)
+    except OSError as exc:
+        raise CmdbError(f"cannot write in {final.parent}: {exc.strerror or exc}") from None
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink()
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a small text file (manifest, settings) so readers never see half of it."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """Parse sizes such as ``6GB``, ``5.5GiB``, ``800MB`` or a plain byte count.
+
+    GB and GiB are both read as 2**30 bytes: cards are sold as "6 GB" and hold 6 GiB.
+    """
+    if isinstance(text, (int, float)):
+        return int(text)
+    s = str(text).strip().lower().replace(" ", "")
+    units = {"tib": 2**40, "tb": 2**40, "t": 2**40, "gib": 2**30, "gb": 2**30, "g": 2**30,
+             "mib": 2**20, "mb": 2**20, "m": 2**20, "kib": 2**10, "kb": 2**10, "k": 2**10, "b": 1}
+    for unit, factor in units.items():
+        if s.endswith(unit):
+            number = s[: -len(unit)]
+            break
+    else:
+        number, factor = s, 1
+    try:
+        value = float(number)
+    except ValueError:
+        raise CmdbError(f"cannot read {text!r} as a size; write it like 6GB or 800MB") from None
+    if value <= 0:
+        raise CmdbError(f"size must be positive, got {text!r}")
+    return int(value * factor)
+
+
+def format_bytes(n: float) -> str:
+    """Human size in binary units, as nvidia-smi and torch report memory."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process (Linux/macOS), for benchmarks and CPU logging."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
