@@ -66,11 +66,12 @@ class ModelSettings(_Section):
     num_classes: int = Field(6, ge=2, le=255)
     mamba_dims: list[int] = Field(default_factory=lambda: [64, 128, 256, 512])
     mamba_depths: list[int] = Field(default_factory=lambda: [2, 2, 4, 2])
-    d_state: int = Field(16, ge=1, le=256)
-    ssm_expand: float = Field(2.0, gt=0, le=8)
+    d_state: int = Field(1, ge=1, le=256, description="SSM state size (VMamba v2: 1; v0: 16)")
+    ssm_expand: float = Field(1.0, gt=0, le=8, description="SS2D inner width / block width (v2: 1; v0: 2)")
+    ssm_gate: bool = Field(False, description="gate the scan output by silu(z) as VMamba v0 (v2: off)")
     dt_rank: int | Literal["auto"] = "auto"
     d_conv: int = Field(3, ge=1, le=9)
-    mlp_ratio: float = Field(4.0, ge=0)
+    mlp_ratio: float = Field(2.0, ge=0, description="MLP width / block width in VSS blocks (0 = no MLP)")
     fusion_channels: int = Field(256, ge=16)
     drop_path: float = Field(0.1, ge=0, lt=1)
     checkpointing: bool = Field(False, description="gradient checkpointing of stages (~30% less memory)")
@@ -80,6 +81,13 @@ class ModelSettings(_Section):
     def _four_stages(cls, v: list[int]) -> list[int]:
         if len(v) != 4 or any(x < 0 for x in v):
             raise ValueError("needs four non-negative values, one per stage")
+        return v
+
+    @field_validator("mamba_dims")
+    @classmethod
+    def _dims_usable(cls, v: list[int]) -> list[int]:
+        if any(x < 8 or x % 2 for x in v):
+            raise ValueError("Mamba stage widths must be even and at least 8")
         return v
 
 
@@ -93,6 +101,7 @@ class TrainSettings(_Section):
     amp_dtype: Literal["fp16", "bf16"] = "fp16"
     epochs: int = Field(300, ge=1)
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    time_limit_min: float | None = Field(None, gt=0, description="stop (validate, save) after this many minutes")
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     schedule: Literal["poly", "cosine"] = "poly"
@@ -116,15 +125,22 @@ class TrainSettings(_Section):
 class PredictSettings(_Section):
     """Sliding-window inference over rasters of any size."""
 
-    tile: int = Field(512, ge=32)
-    overlap: float = Field(0.25, ge=0.0, lt=1.0)
-    tta: Literal["none", "flip", "d4"] = "none"
-    batch: int = Field(8, ge=1)
-    format: Literal["index", "color", "both"] = "index"
-    probs: bool = False
-    boundary: bool = False
+    tile: int = Field(512, ge=32, le=8192, description="window size; a multiple of 32 (the network's stride)")
+    overlap: float = Field(0.25, ge=0.0, le=0.75, description="window overlap fraction, blended smoothly")
+    tta: Literal["none", "flip", "d4"] = Field("none", description="flip: 3 views; d4: 8 rotations/reflections")
+    batch: int = Field(8, ge=1, description="windows per forward pass")
+    format: Literal["index", "color", "both"] = Field("index", description="palette index mask, RGBA, or both")
+    probs: bool = Field(False, description="also write per-class probabilities (float16)")
+    boundary: bool = Field(False, description="also write the boundary probability (uint8, value/255)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = False
+    amp: bool = Field(False, description="mixed precision: fp16 on CUDA, bf16 on CPU")
+
+    @field_validator("tile")
+    @classmethod
+    def _tile_multiple(cls, v: int) -> int:
+        if v % 32:
+            raise ValueError(f"must be a multiple of 32, the network's output stride (e.g. {max(32, v // 32 * 32)})")
+        return v
 
 
 _yaml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("cmdb_yaml_file", default=None)

@@ -1,0 +1,52 @@
+"""The live training display: one progress bar with losses, lr, images/s, memory and ETA.
+
+Kept apart from the loop so the loop stays readable and tests can switch it off.
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class TrainUI:
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.console = Console(stderr=True)
+        self.progress: Progress | None = None
+        self.task = None
+
+    def start(self, total: int, done: int, description: str) -> None:
+        if not self.enabled:
+            return
+        self.console.print(f"[bold]train[/]: {description}")
+        self.progress = Progress(
+            TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]} (main {task.fields[main]} aux {task.fields[aux]} "
+                       "bnd {task.fields[bnd]}) lr {task.fields[lr]} {task.fields[ips]} img/s {task.fields[mem]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False)
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=total, completed=done, epoch=0, loss="-", main="-",
+                                           aux="-", bnd="-", lr="-", ips="-", mem="")
+
+    def step(self, epoch: int, step: int, total: int, losses: dict[str, float], lr: float, ips: float,
+             mem: dict[str, float]) -> None:
+        if self.progress is None:
+            return
+        mem_text = " ".join(f"{k.replace('_mib', '')} {v:.0f} MiB" for k, v in mem.items()
+                            if k in ("rss_mib", "cuda_allocated_mib"))
+        self.progress.update(self.task, completed=step, epoch=epoch, loss=f"{losses.get('total', 0):.3f}",
+                             main=f"{losses.get('main', 0):.3f}", aux=f"{losses.get('aux', 0):.3f}",
+                             bnd=f"{losses.get('boundary', 0):.3f}", lr=f"{lr:.2e}", ips=f"{ips:.1f}",
+                             mem=mem_text)
+
+    def log(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(message)
+        elif self.enabled:
+            self.console.print(message)
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
