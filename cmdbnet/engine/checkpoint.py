@@ -57,9 +57,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         data = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
-        raise CmdbError(f"{p}: refused to load: the file holds Python objects or code, not only weights "
-                        f"(torch.load weights_only=True said: {first[:160]})") from None
+        text = str(exc)
+        if "global" not in text.lower():
+            raise CmdbError(f"{p}: not a readable checkpoint (truncated, corrupt or not a torch file)") from None
+        what = next((ln.strip() for ln in text.splitlines() if "Unsupported global" in ln), "")
+        raise CmdbError(f"{p}: refused to load: the file holds Python objects or code, not only weights"
+                        + (f" ({what[:160]})" if what else "")) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CmdbError(f"{p}: not a readable checkpoint ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:160] if str(exc) else 'truncated or corrupt'})") from None

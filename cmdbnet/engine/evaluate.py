@@ -43,7 +43,7 @@ def score_loader(model: torch.nn.Module, loader, metrics: SegmentationMetrics, d
 
     Crops that DistributedSampler repeats to pad ranks are skipped, so each crop counts once.
     """
-    from .inference import forward_tta
+    from .sliding import forward_tta
 
     net = _unwrap(model)
     was_training = net.training

@@ -80,7 +80,7 @@ def train_loader(settings: Settings, dist_info: DistInfo, device: torch.device) 
     """
     d = settings.data
     tf = train_transform(d.crop, d.augment, d.mean, d.std)
-    base = PreparedDataset(d.prepared, "train", transform=tf)
+    base = PreparedDataset(d.prepared, "train", transform=tf, seed_workers=False)
     view = SeededView(base, tf, settings.train.seed)
     sampler = EpochSampler(view, dist_info, shuffle=True, seed=settings.train.seed)
     drop_last = len(sampler) >= settings.train.batch
