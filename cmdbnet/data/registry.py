@@ -52,7 +52,10 @@ class DatasetSpec:
     image_exts: tuple[str, ...]
     # Regular expression over image file names; group ``id`` is the tile id, group ``tag``
     # (optional) the band tag. Labels are found from the id by the templates below.
+    # Folder-name tuples (here and in BandChoice) list the official download's name first
+    # (synthetic scenes write that one), then the names of the pre-split layout of SPEC.md.
     image_pattern: str
+    image_template: str  # how an image is named: "{id}" the tile id, "{tag}" the band tag
     label_templates: tuple[str, ...]  # full labels, "{id}" replaced by the tile id
     eroded_label_templates: tuple[str, ...] = ()
     label_folders: tuple[str, ...] = ()  # download folders holding full labels
@@ -118,6 +121,7 @@ POTSDAM = DatasetSpec(
     default_bands="rgb",
     image_exts=(".tif", ".tiff"),
     image_pattern=r"^top_potsdam_(?P<id>\d+_\d+)_(?P<tag>RGBIR|RGB|IRRG)\.tiff?$",
+    image_template="top_potsdam_{id}_{tag}.tif",
     label_templates=("top_potsdam_{id}_label.tif",),
     eroded_label_templates=("top_potsdam_{id}_label_noBoundary.tif",),
     label_folders=("5_Labels_all", "Label", "labels"),
@@ -144,6 +148,7 @@ VAIHINGEN = DatasetSpec(
     default_bands="irrg",
     image_exts=(".tif", ".tiff"),
     image_pattern=r"^top_mosaic_09cm_area(?P<id>\d+)\.tiff?$",
+    image_template="top_mosaic_09cm_area{id}.tif",
     label_templates=("top_mosaic_09cm_area{id}.tif",),
     eroded_label_templates=("top_mosaic_09cm_area{id}_noBoundary.tif",),
     label_folders=("gts_for_participants", "ISPRS_semantic_labeling_Vaihingen_ground_truth_COMPLETE",
@@ -173,6 +178,7 @@ LOVEDA = DatasetSpec(
     default_bands="rgb",
     image_exts=(".png",),
     image_pattern=r"^(?P<id>\d+)\.png$",
+    image_template="{id}.png",
     label_templates=("{id}.png",),
     label_folders=("masks_png", "labels"),
     label_values=(1, 2, 3, 4, 5, 6, 7),
