@@ -67,11 +67,11 @@ class ModelSettings(_Section):
     mamba_dims: list[int] = Field(default_factory=lambda: [64, 128, 256, 512])
     mamba_depths: list[int] = Field(default_factory=lambda: [2, 2, 4, 2])
     d_state: int = Field(1, ge=1, le=256, description="SSM state size (VMamba v2: 1; v0: 16)")
-    ssm_expand: float = Field(1.0, gt=0, le=8, description="SS2D inner width / block width (v2: 1; v0: 2)")
+    ssm_expand: float = Field(0.5, gt=0, le=8, description="SS2D inner width / block width (CM-UNet: 0.5; VMamba v2: 1; v0: 2)")
     ssm_gate: bool = Field(False, description="gate the scan output by silu(z) as VMamba v0 (v2: off)")
     dt_rank: int | Literal["auto"] = "auto"
     d_conv: int = Field(3, ge=1, le=9)
-    mlp_ratio: float = Field(2.0, ge=0, description="MLP width / block width in VSS blocks (0 = no MLP)")
+    mlp_ratio: float = Field(2.5, ge=0, description="MLP width / block width in VSS blocks (0 = no MLP)")
     fusion_channels: int = Field(256, ge=16)
     drop_path: float = Field(0.1, ge=0, lt=1)
     checkpointing: bool = Field(False, description="gradient checkpointing of stages (~30% less memory)")

@@ -21,6 +21,12 @@ app = typer.Typer(
 
 _COMMAND_MODULES = (
     "config",
+    "prepare",
+    "predict",
+    "train",
+    "demo",
+    "profile_vram",
+    "count_params",
 )
 
 for _name in _COMMAND_MODULES:

@@ -1,0 +1,193 @@
+"""Joining the branches per stage and aggregating the stages into one map at 1/4 scale.
+
+Every variant ends in the same :class:`FPNAggregator` (UPerNet-style: pyramid pooling on the
+deepest map, FPN top-down, a cheap smoothing at 1/4), so an ablation changes only how the
+two branches meet at each stage:
+
+- :class:`GatedFusion` (``full``, ``no_boundary``): dual gating plus cross-branch attention.
+- :class:`ConcatFusion` (``no_fusion``): concatenation + 1x1 conv, the plain join.
+- :class:`SingleBranchNeck` (``cnn_only``, ``mamba_only``): no join at all.
+
+Each takes ``(cnn_feats, mamba_feats)`` (lists of (B, C_i, H_i, W_i), or None for an absent
+branch) and returns ``(fused, stage_maps)``: fused (B, out_channels, H/4, W/4) and the joined
+per-stage maps, whose first (1/4 scale) the boundary head reads as its low-level input.
+
+Why the cost sits where it does: at 1/4 scale (4096 positions at a 256 crop) every w x w
+per-pixel linear map costs as much as at 1/32 while holding 64x fewer weights, so attention
+reads pooled tokens, gates go through a bottleneck, and the 3x3 convolution of the
+aggregation runs at 1/32 (inside the pyramid pooling), not at 1/4.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ConvBNReLU", "CrossAttention", "DualGate", "GatedFusion", "ConcatFusion", "SingleBranchNeck",
+           "FPNAggregator"]
+
+
+class ConvBNReLU(nn.Sequential):
+    def __init__(self, cin: int, cout: int, k: int = 1, groups: int = 1, act: bool = True):
+        layers = [nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+        super().__init__(*(layers + [nn.ReLU(inplace=True)] if act else layers))
+
+
+def _up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class DualGate(nn.Module):
+    """Each branch admits the other through a sigmoid gate computed from both.
+
+    forward: c, m (B, w, H, W) -> (c + g_c * m, m + g_m * c). The gates see the concatenation,
+    so where the CNN is confident (texture, edges) it can refuse the smoother global features
+    and where it is not (large uniform roofs, shadows) take them, and the reverse for Mamba.
+    """
+
+    def __init__(self, width: int, reduction: int = 4):
+        super().__init__()
+        hidden = max(width // reduction, 8)
+        self.net = nn.Sequential(ConvBNReLU(2 * width, hidden), nn.Conv2d(hidden, 2 * width, 1))
+
+    def forward(self, c: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g_c, g_m = torch.sigmoid(self.net(torch.cat([c, m], dim=1))).chunk(2, dim=1)
+        return c + g_c * m, m + g_m * c
+
+
+class CrossAttention(nn.Module):
+    """Every position of ``x`` attends to ``pool x pool`` pooled tokens of the other branch.
+
+    forward: x (B, w, H, W), other (B, w, H, W) -> x + attention (B, w, H, W). Pooling the keys
+    keeps the cost linear in H*W (a 256 crop's 4096 positions read 64 tokens, not 4096), and
+    a small per-channel output scale (LayerScale, 0.01) makes the block start near the identity
+    while still passing gradient to the attention weights from the first step.
+    """
+
+    def __init__(self, width: int, pool: int = 8, head_dim: int = 32):
+        super().__init__()
+        dim = max(width // 2, head_dim)
+        heads = max(dim // head_dim, 1)
+        while dim % heads:
+            heads -= 1
+        self.pool, self.heads = pool, heads
+        self.q = nn.Conv2d(width, dim, 1, bias=False)
+        self.kv = nn.Linear(width, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(width)
+        self.proj = nn.Conv2d(dim, width, 1)
+        self.scale = nn.Parameter(torch.full((width, 1, 1), 1e-2))
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        tokens = F.adaptive_avg_pool2d(other, self.pool).flatten(2).transpose(1, 2)   # (B, P, w)
+        k, v = self.kv(self.norm(tokens)).chunk(2, dim=-1)
+        q = self.q(x).flatten(2).transpose(1, 2)                                       # (B, HW, dim)
+        split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)            # noqa: E731
+        o = F.scaled_dot_product_attention(split(q), split(k), split(v))               # (B, h, HW, d)
+        o = o.transpose(1, 2).flatten(2).transpose(1, 2).reshape(b, -1, h, w)
+        return x + self.scale * self.proj(o)
+
+
+class GatedFusionStage(nn.Module):
+    """One stage: align widths, dual gate, attention both ways, sum + 1x1 conv to ``width``.
+
+    Summing before the 1x1 (instead of concatenating) halves the stage's largest per-pixel cost;
+    after gating and attention each branch already carries the other's information.
+    """
+
+    def __init__(self, c_ch: int, m_ch: int, width: int, pool: int = 8):
+        super().__init__()
+        self.align_c = nn.Identity() if c_ch == width else ConvBNReLU(c_ch, width)
+        self.align_m = nn.Identity() if m_ch == width else ConvBNReLU(m_ch, width)
+        self.gate = DualGate(width)
+        self.attn_c = CrossAttention(width, pool)  # local features read global context
+        self.attn_m = CrossAttention(width, pool)  # global features read local detail
+        self.fuse = ConvBNReLU(width, width)
+
+    def forward(self, c: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        c, m = self.gate(self.align_c(c), self.align_m(m))
+        c, m = self.attn_c(c, m), self.attn_m(m, c)
+        return self.fuse(c + m)
+
+
+class PyramidPooling(nn.Module):
+    """PSPNet/UPerNet pyramid pooling: (B, C, h, w) -> (B, out, h, w) with context at 1, 2, 3, 6 bins."""
+
+    def __init__(self, cin: int, out: int, bins: tuple[int, ...] = (1, 2, 3, 6), branch: int | None = None):
+        super().__init__()
+        branch = branch or max(cin // 4, 16)
+        self.bins = bins
+        # No BatchNorm on the pooled maps: a 1x1 bin of a batch of one has one value per channel.
+        self.branches = nn.ModuleList(nn.Sequential(nn.Conv2d(cin, branch, 1), nn.ReLU(inplace=True)) for _ in bins)
+        self.bottleneck = ConvBNReLU(cin + branch * len(bins), out, k=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = [_up(conv(F.adaptive_avg_pool2d(x, b)), x) for b, conv in zip(self.bins, self.branches)]
+        return self.bottleneck(torch.cat([x, *pooled], dim=1))
+
+
+class FPNAggregator(nn.Module):
+    """Stage maps at 1/4..1/32 -> one (B, out, H/4, W/4) map: pyramid pooling on the deepest,
+    1x1 laterals, top-down sums, depthwise 3x3 smoothing at 1/4.
+
+    Laterals are plain 1x1 convolutions as in the original FPN: the sum is normalised once, by
+    the smoothing's BatchNorm, instead of once per level at full 1/4-scale width.
+    """
+
+    def __init__(self, in_channels: list[int], out: int = 256):
+        super().__init__()
+        self.ppm = PyramidPooling(in_channels[-1], out)
+        self.laterals = nn.ModuleList(nn.Conv2d(c, out, 1) for c in in_channels[:-1])
+        self.smooth = ConvBNReLU(out, out, k=3, groups=out)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        p = self.ppm(feats[-1])
+        for lateral, f in zip(reversed(self.laterals), reversed(feats[:-1])):
+            p = lateral(f) + _up(p, f)
+        return self.smooth(p)
+
+
+class GatedFusion(nn.Module):
+    """The design's fusion module: per-stage :class:`GatedFusionStage`, then :class:`FPNAggregator`."""
+
+    def __init__(self, cnn_channels: list[int], mamba_channels: list[int], out_channels: int = 256, pool: int = 8):
+        super().__init__()
+        widths = list(mamba_channels)
+        self.stages = nn.ModuleList(GatedFusionStage(c, m, w, pool)
+                                    for c, m, w in zip(cnn_channels, mamba_channels, widths))
+        self.aggregate = FPNAggregator(widths, out_channels)
+        self.low_channels, self.out_channels = widths[0], out_channels
+
+    def forward(self, cnn: list[torch.Tensor], mamba: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        maps = [stage(c, m) for stage, c, m in zip(self.stages, cnn, mamba)]
+        return self.aggregate(maps), maps
+
+
+class ConcatFusion(nn.Module):
+    """Ablation ``no_fusion``: both branches joined per stage by concatenation and a 1x1 conv."""
+
+    def __init__(self, cnn_channels: list[int], mamba_channels: list[int], out_channels: int = 256):
+        super().__init__()
+        widths = list(mamba_channels)
+        self.joins = nn.ModuleList(ConvBNReLU(c + m, w) for c, m, w in zip(cnn_channels, mamba_channels, widths))
+        self.aggregate = FPNAggregator(widths, out_channels)
+        self.low_channels, self.out_channels = widths[0], out_channels
+
+    def forward(self, cnn: list[torch.Tensor], mamba: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        maps = [join(torch.cat([c, m], dim=1)) for join, c, m in zip(self.joins, cnn, mamba)]
+        return self.aggregate(maps), maps
+
+
+class SingleBranchNeck(nn.Module):
+    """Ablations ``cnn_only`` / ``mamba_only``: the one branch's maps go straight to the aggregator."""
+
+    def __init__(self, channels: list[int], out_channels: int = 256):
+        super().__init__()
+        self.aggregate = FPNAggregator(list(channels), out_channels)
+        self.low_channels, self.out_channels = channels[0], out_channels
+
+    def forward(self, cnn: list[torch.Tensor] | None, mamba: list[torch.Tensor] | None
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        maps = cnn if cnn is not None else mamba
+        return self.aggregate(maps), maps

@@ -1,0 +1,449 @@
+"""Selective scan (Mamba's S6 recurrence): mamba-ssm's fused CUDA kernel when present, else ours.
+
+Shapes and semantics are those of ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``::
+
+    u: r(B D L)
+    delta: r(B D L)
+    A: r(D N)
+    B: r(B N L) or r(B G N L)   (G groups split D into G equal blocks of channels)
+    C: r(B N L) or r(B G N L)
+    D: r(D)
+    z: r(B D L)
+    delta_bias: r(D)
+    out: r(B D L) in u's dtype; last_state: r(B D N) in the compute dtype (fp32, or fp64)
+
+The fused kernel exists only on CUDA and only where mamba-ssm compiled, which a laptop or a CI
+box often lacks; the model must still train there, so the torch backend is a real
+implementation rather than a test oracle: a chunked sequential scan with a hand-written
+reverse-time backward that never holds more than a chunk of per-step states.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from cmdbnet.errors import CmdbError
+
+__all__ = ["BACKEND_ENV", "ScanBackendError", "ScanBackendNameError", "available_backends",
+           "resolve_backend", "scan_macs", "selective_scan"]
+
+BACKEND_ENV = "CMDB_SCAN_BACKEND"
+_BACKENDS = ("auto", "torch", "mamba_ssm")
+# Elements of one (T, B, D, N) state buffer (four are live in backward) and of one (T2, B, D)
+# block of per-step inputs: 2 MiB and 1 MiB in fp32 stay in a small CPU's L2/L3, where the scan
+# is bandwidth-bound. engine.memory reads _CHUNK_ELEMS and _MAX_CHUNK to size ctx.states.
+_CHUNK_ELEMS = 1 << 19
+_BLOCK_ELEMS = 1 << 18
+_MAX_CHUNK = 256
+# Worker threads, one per batch slice (see _run_parts). Each holds the GIL for a few us per op,
+# so past a handful they would queue on it; 4 is an estimate (only 2 cores measured).
+_MAX_WORKERS = 4
+
+
+class ScanBackendError(CmdbError, RuntimeError):
+    """The requested scan backend cannot run here; the user installs it or unsets the variable."""
+
+
+class ScanBackendNameError(CmdbError, ValueError):
+    """``CMDB_SCAN_BACKEND`` holds a name no backend answers to."""
+
+
+@functools.cache
+def _mamba_ssm_import() -> tuple[object | None, str]:
+    """``(selective_scan_fn or None, why not)``, cached so that a failed import costs once.
+
+    Released mamba_ssm imports its compiled ``selective_scan_cuda`` at import time, so a wheel
+    built against another CUDA or torch fails with OSError or anything else, not only
+    ImportError; each of them means "use ours".
+    """
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception as exc:  # noqa: BLE001 - see docstring
+        return None, f"{type(exc).__name__}: {exc}"
+    return selective_scan_fn, ""
+
+
+def _device_is_cuda(device: torch.device | str) -> bool:
+    """Whether the fused kernel can take tensors on ``device`` (a seam for tests without a GPU)."""
+    return torch.device(device).type == "cuda"
+
+
+def available_backends() -> tuple[str, ...]:
+    """Backends that import here; ``mamba_ssm`` still needs CUDA tensors to be chosen."""
+    return ("torch", "mamba_ssm") if _mamba_ssm_import()[0] is not None else ("torch",)
+
+
+def resolve_backend(device: torch.device | str) -> str:
+    """``"mamba_ssm"`` or ``"torch"`` for tensors on ``device``, honouring ``CMDB_SCAN_BACKEND``.
+
+    The variable is read at every call so that a run (or a test) can switch backends without
+    re-importing the model.
+    """
+    name = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if name not in _BACKENDS:
+        raise ScanBackendNameError(f"{BACKEND_ENV}={name!r} is not a scan backend; use one of "
+                                   f"{', '.join(_BACKENDS)}")
+    if name == "torch":
+        return "torch"
+    fn, why = _mamba_ssm_import()
+    if name == "auto":
+        return "mamba_ssm" if fn is not None and _device_is_cuda(device) else "torch"
+    if fn is None:
+        raise ScanBackendError(f"{BACKEND_ENV}=mamba_ssm but mamba_ssm cannot be imported ({why}); "
+                               f"install it with `pip install cmdbnet[cuda]` (needs a CUDA toolkit), "
+                               f"or set {BACKEND_ENV}=auto")
+    if not _device_is_cuda(device):
+        raise ScanBackendError(f"{BACKEND_ENV}=mamba_ssm needs CUDA tensors, got {device}; "
+                               f"set {BACKEND_ENV}=auto")
+    return "mamba_ssm"
+
+
+def scan_macs(b: int, d: int, l: int, n: int, has_z: bool, has_D: bool) -> int:  # noqa: E741, N803
+    """Multiply-adds of one forward scan, for FLOP counters (torch's cannot see inside it).
+
+    Convention: one MAC per multiply or multiply-add, elementwise or in a reduction; lone
+    additions, exp, softplus and silu are free (as fvcore/thop count convolutions). Per (b, d, l):
+    ``delta*A`` (N), ``delta*u`` (1) and ``*B`` (N), the recurrence ``x = dA*x + dBu`` (N),
+    ``y = sum_n x*C`` (N), ``u*D`` (1 if D) and ``*silu(z)`` (1 if z): ``b*d*l*(4N + 1 + D + z)``.
+    Backward is not included; by the usual rule of thumb it costs about twice this.
+    """
+    return b * d * l * (4 * n + 1 + int(has_D) + int(has_z))
+
+
+# ----------------------------------------------------------------------------- torch backend
+# Inside the Function everything is time-major. Per-step inputs (delta, u, z, B, C, the
+# incoming gradient) are copied T2 steps (a block) at a time into (T2, B, G, 1, D/G) or
+# (T2, B, G, N, 1) buffers, and states T <= T2 steps (a chunk) at a time into (T, B, G, N, D/G)
+# ones: time outermost makes each step's state one contiguous block (one fused addcmul_ per
+# step), and N before D/G makes the sums over N outer reductions. The (B, D, L)-sized pointwise
+# work (bias, softplus, D, z) is done per block too: whole-tensor temporaries cost more in page
+# faults and cache misses than the scan itself on a small CPU.
+
+
+def _plan(b: int, d: int, l: int, n: int) -> tuple[int, int]:  # noqa: E741
+    """(T, T2): chunk and block lengths; T2 is a multiple of T so chunks never straddle blocks."""
+    T = max(1, min(l, _MAX_CHUNK, _CHUNK_ELEMS // (b * d * n)))
+    return T, min(l, T * max(1, _BLOCK_ELEMS // (T * b * d)))
+
+
+class _Scratch:
+    """Named buffers reused from block to block: a fresh MiB-sized CPU tensor page-faults as it
+    is first written, which measured slower than the arithmetic done in it."""
+
+    def __init__(self, like: torch.Tensor):
+        self.like, self.bufs = like, {}
+
+    def __call__(self, name: str, *shape: int) -> torch.Tensor:
+        numel, buf = math.prod(shape), self.bufs.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = self.bufs[name] = self.like.new_empty(numel)
+        return buf[:numel].view(shape)
+
+
+def _load(ws: _Scratch, name: str, x: torch.Tensor, s0: int, s1: int) -> torch.Tensor:
+    """Steps s0..s1-1 of a (..., L) tensor copied time-first into a (T2, ...) buffer.
+
+    Two copies on purpose: a one-step transposing copy walks the source with a stride of L and
+    takes a TLB miss per element; copying whole rows first, then transposing them as one 2-D
+    matrix (which torch does cache-blocked), is several times faster.
+    """
+    lead, k = x.shape[:-1], s1 - s0
+    rows = ws("rows", *lead, k).copy_(x[..., s0:s1]).view(-1, k)
+    return ws(name, k, rows.shape[0]).copy_(rows.t()).view(k, *lead)
+
+
+def _store(ws: _Scratch, dst: torch.Tensor, s0: int, s1: int, val: torch.Tensor) -> None:
+    """Write a time-first block into steps s0..s1-1 of a (..., L) tensor (the reverse of _load)."""
+    lead, k = dst.shape[:-1], s1 - s0
+    rows = ws("rows", math.prod(lead), k).copy_(val.reshape(k, -1).t())
+    dst[..., s0:s1].copy_(rows.view(*lead, k))
+
+
+def _softplus(ws: _Scratch, x: torch.Tensor) -> torch.Tensor:
+    """F.softplus to 2 ulp, 3x faster: torch's CPU log1p is scalar code.
+
+    relu(x) + log1p(e) with e = exp(-|x|), and log1p(e) = log(u) - ((u - 1) - e) / u for
+    u = 1 + e, which corrects the rounding of u and stays right when u rounds to 1. Above
+    F.softplus' threshold of 20 the log1p term is below fp32 resolution.
+    """
+    e = torch.abs(x, out=ws("sp_e", *x.shape)).neg_().exp_()
+    u = torch.add(e, 1, out=ws("sp_u", *x.shape))
+    c = torch.sub(u, 1, out=ws("sp_c", *x.shape)).sub_(e).div_(u)
+    return u.log_().sub_(c).add_(torch.clamp(x, min=0, out=e))
+
+
+def _chunk_states(dt, du, Bc, At, h0, a, x):
+    """Fill ``a`` with exp(delta*A) and ``x`` with the chunk's states, starting from ``h0``.
+
+    Sequential over time on purpose: each step is one bandwidth-bound addcmul_ over B*D*N
+    contiguous floats, which beats log-depth parallel scans (2-3x the memory traffic) on CPU
+    and never overflows the way a cumulative-log-decay closed form does for long chunks.
+    """
+    torch.mul(dt, At, out=a).exp_()
+    xs, as_ = torch.mul(du, Bc, out=x).unbind(0), a.unbind(0)
+    if h0 is not None:
+        xs[0].addcmul_(as_[0], h0)
+    for t in range(1, len(xs)):
+        xs[t].addcmul_(as_[t], xs[t - 1])
+
+
+class _Part:
+    """One batch slice's share of the scan; workers each run one and write disjoint outputs."""
+
+    def __init__(self, u, delta, A, B, C, D, z, delta_bias, softplus, sl=slice(None)):  # noqa: N803
+        (b, d, self.l), self.g, self.n = u.shape, B.shape[1], A.shape[1]
+        self.T, self.T2 = _plan(b, d, self.l, self.n)  # of the whole batch: chunks match ctx.states
+        self.u, self.delta, self.z, self.B, self.C = (t if t is None else t[sl] for t in (u, delta, z, B, C))
+        dg = d // self.g
+        self.At = A.view(self.g, dg, self.n).transpose(1, 2).contiguous()
+        self.bias, self.Dv = (t if t is None else t.view(self.g, 1, dg) for t in (delta_bias, D))
+        self.softplus, self.ws = softplus, _Scratch(u)
+        self.state = (self.u.shape[0], self.g, self.n, dg)
+
+    def blocks(self, reverse=False):
+        """Per block: (s0, s1, [(chunk index, chunk length, its steps within the block), ...])."""
+        T, T2, l = self.T, self.T2, self.l  # noqa: E741
+        for s0 in reversed(range(0, l, T2)) if reverse else range(0, l, T2):
+            s1 = min(s0 + T2, l)
+            chunks = [(t0 // T, min(T, s1 - t0), slice(t0 - s0, min(t0 + T, s1) - s0))
+                      for t0 in range(s0, s1, T)]
+            yield s0, s1, chunks[::-1] if reverse else chunks
+
+    def load(self, name, x, s0, s1):
+        """Steps s0..s1-1 of a (B, D, L) tensor as (T2, B, G, 1, D/G)."""
+        return _load(self.ws, name, x, s0, s1).view(s1 - s0, *self.state[:2], 1, -1)
+
+    def inputs(self, s0, s1):
+        """Per-step inputs of steps s0..s1-1: (delta before softplus, delta, u, delta*u, B, C)."""
+        pre = self.load("pre", self.delta, s0, s1)
+        pre = pre if self.bias is None else pre.add_(self.bias)
+        dt = _softplus(self.ws, pre) if self.softplus else pre
+        uc = self.load("u", self.u, s0, s1)
+        du = torch.mul(dt, uc, out=self.ws("du", *uc.shape))
+        Bc, Cc = (_load(self.ws, name, t, s0, s1).unsqueeze(-1) for name, t in (("B", self.B), ("C", self.C)))
+        return pre, dt, uc, du, Bc, Cc
+
+    def forward(self, out, states):
+        ws = self.ws
+        for s0, s1, chunks in self.blocks():
+            _, dt, uc, du, Bc, Cc = self.inputs(s0, s1)
+            y = ws("y", *uc.shape)
+            for c, k, r in chunks:
+                a, x = ws("a", k, *self.state), ws("x", k, *self.state)
+                _chunk_states(dt[r], du[r], Bc[r], self.At, states[c] if c else None, a, x)
+                states[c + 1].copy_(x[-1])
+                # Not a matmul as in backward: FlopCounterMode would count it, and engine.complexity
+                # counts the scan by scan_macs instead, whether or not a worker thread runs it.
+                torch.sum(torch.mul(x, Cc[r], out=a), dim=-2, keepdim=True, out=y[r])
+            if self.Dv is not None:
+                y.addcmul_(uc, self.Dv)
+            if self.z is not None:
+                y.mul_(F.silu(self.load("z", self.z, s0, s1), inplace=True))
+            _store(ws, out, s0, s1, y)
+
+    def backward(self, gout, glast, states, need, grads):
+        """Fill this slice of ``grads`` {0: u, 1: delta, 3: B, 4: C, 6: z} and return its own
+        {2: A, 5: D, 7: delta_bias} gradients, which the caller adds up over the slices."""
+        ws, Dv, At = self.ws, self.Dv, self.At
+        need_delta, gz = need[1] or need[7], grads.get(6)
+        carry = None if glast is None else glast.reshape(*self.state[:2], -1, self.n).transpose(-1, -2)
+        gA_acc = ws("gA_acc", self.T, *self.state).zero_() if need[2] else None
+        sums = {i: At.new_zeros(self.g, 1, self.state[-1]) for i in (5, 7) if need[i]}
+        for s0, s1, chunks in self.blocks(reverse=True):
+            pre, dt, uc, du, Bc, Cc = self.inputs(s0, s1)
+            gy = self.load("gy", gout, s0, s1)
+            if self.z is not None:  # make gy the gradient reaching y, through the silu(z) gate
+                zc = self.load("z", self.z, s0, s1)
+                sz = torch.sigmoid(zc, out=ws("sz", *zc.shape))
+                silu = zc.mul_(sz)
+                if gz is not None:  # dL/dz = gout * y * silu'(z), silu' = sz + silu (1 - sz)
+                    gz_b = torch.mul(silu, sz, out=ws("gz", *zc.shape)).neg_().add_(silu).add_(sz).mul_(gy)
+                gy.mul_(silu)
+            yb = ws("y", *uc.shape) if gz is not None else None
+            gdu = ws("gdu", *uc.shape) if need[0] or need_delta else None
+            gdtA = ws("gdtA", *uc.shape) if need_delta else None
+            gBb, gCb = (ws(f"g{i}", *Bc.shape) if i in grads else None for i in (3, 4))
+            for c, k, r in chunks:
+                a, x, gx, w = (ws(name, k, *self.state) for name in ("a", "x", "gx", "w"))
+                h0 = states[c] if c else None
+                _chunk_states(dt[r], du[r], Bc[r], At, h0, a, x)
+                if yb is not None:
+                    torch.matmul(Cc[r].mT, x, out=yb[r])
+                if gCb is not None:
+                    torch.matmul(x, gy[r].mT, out=gCb[r])  # the sum over D/G, as (N, D/G) @ (D/G, 1)
+                # Reverse-time scan of dL/dx_t: gx_t = gy_t C_t + exp(delta_{t+1} A) gx_{t+1}.
+                gxs, as_ = torch.mul(gy[r], Cc[r], out=gx).unbind(0), a.unbind(0)
+                if carry is not None:
+                    gxs[-1].add_(carry)
+                for t in range(k - 2, -1, -1):
+                    gxs[t].addcmul_(as_[t + 1], gxs[t + 1])
+                if gBb is not None:
+                    torch.matmul(gx, du[r].mT, out=gBb[r])
+                if gdu is not None:
+                    torch.matmul(Bc[r].mT, gx, out=gdu[r])
+                a.mul_(gx)  # a_t = dL/dx_{t-1} via the decay; a_0 is what the previous chunk gets
+                carry = ws("carry", *self.state).copy_(a[0]) if c else None
+                if need_delta or need[2]:  # S_t = dL/d(delta_t A) = a_t * x_{t-1}
+                    a[1:].mul_(x[:-1])
+                    a[0].mul_(h0) if c else a[0].zero_()
+                    if gA_acc is not None:
+                        gA_acc[:k].addcmul_(a, dt[r])
+                    if gdtA is not None:
+                        torch.sum(torch.mul(a, At, out=w), dim=-2, keepdim=True, out=gdtA[r])
+            tmp = ws("tmp", *uc.shape)
+            if gz is not None:
+                _store(ws, gz, s0, s1, gz_b.mul_(yb if Dv is None else yb.addcmul_(uc, Dv)))
+            if 5 in sums:
+                sums[5] += torch.mul(gy, uc, out=tmp).sum((0, 1))
+            if 0 in grads:
+                gu = torch.mul(gdu, dt, out=tmp)
+                _store(ws, grads[0], s0, s1, gu if Dv is None else gu.addcmul_(gy, Dv))
+            if need_delta:
+                gdt = gdtA.addcmul_(gdu, uc)
+                if self.softplus:
+                    gdt.mul_(torch.sigmoid(pre, out=tmp))
+                if 1 in grads:
+                    _store(ws, grads[1], s0, s1, gdt)
+                if 7 in sums:
+                    sums[7] += gdt.sum((0, 1))
+            for i, val in ((3, gBb), (4, gCb)):
+                if val is not None:
+                    _store(ws, grads[i], s0, s1, val)
+        sums = {i: t.reshape(-1) for i, t in sums.items()}
+        if gA_acc is not None:
+            sums[2] = gA_acc.sum((0, 1)).transpose(1, 2).reshape(-1, self.n)
+        return sums
+
+
+@functools.cache
+def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
+    """Threads whose ops run single-threaded (OpenMP's thread count is per calling thread).
+
+    Keyed by pid: a forked child (a DataLoader worker) inherits this cache but not the threads.
+    """
+    threads, barrier = torch.get_num_threads(), threading.Barrier(workers)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="cmdb-scan")
+
+    def init() -> None:
+        torch.set_num_threads(1)
+        barrier.wait()  # holds each task in its own thread, so that every worker runs one
+
+    for f in [pool.submit(init) for _ in range(workers)]:
+        f.result()
+    torch.set_num_threads(threads)  # set_num_threads(1) also changed the default for new threads
+    return pool
+
+
+def _run_parts(u: torch.Tensor, fn) -> list:
+    """``[fn(batch_slice), ...]`` over disjoint batch slices, one per intra-op thread on CPU.
+
+    Why not torch's own threading: the scan issues a few ops per time step and each is an
+    OpenMP fork/join; when another process holds a core (a shared CI box, a dataloader) every
+    join waits for a time slice: 1 s of work took 10 to 60 s here. Python threads running
+    single-threaded ops (torch releases the GIL inside ops) never wait on each other. A batch
+    of one runs in the calling thread, with torch's threading.
+    """
+    b, kind = u.shape[0], u.device.type
+    workers = min(b, torch.get_num_threads(), _MAX_WORKERS) if kind == "cpu" else 1
+    inference = torch.is_inference_mode_enabled()
+
+    def run(sl: slice):  # grad, inference and autocast modes are thread-local: set them all
+        amp = torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else nullcontext()
+        with torch.inference_mode(inference), torch.no_grad(), amp:
+            return fn(sl)
+
+    if workers < 2:
+        return [run(slice(None))]
+    bounds = [b * i // workers for i in range(workers + 1)]
+    pool = _pool(workers, os.getpid())
+    futures = [pool.submit(run, slice(lo, hi)) for lo, hi in zip(bounds, bounds[1:])]
+    return [f.result() for f in futures]
+
+
+class _SelectiveScan(torch.autograd.Function):
+    """Chunked scan; backward recomputes each chunk's states from checkpointed chunk starts.
+
+    ``ctx.states`` (chunks + 1, B, G, N, D/G) holds the state before every chunk and the last
+    one: the only activation saved beyond the inputs (engine.memory models it).
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):  # noqa: N803
+        b, d, l = u.shape  # noqa: E741
+        g, n = B.shape[1], A.shape[1]
+        states = u.new_empty((math.ceil(l / _plan(b, d, l, n)[0]) + 1, b, g, n, d // g))
+        states[0].zero_()
+        out = u.new_empty((b, d, l))
+        args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        _run_parts(u, lambda sl: _Part(*args, sl).forward(out[sl], states[:, sl]))
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        ctx.states, ctx.delta_softplus = states, delta_softplus
+        ctx.set_materialize_grads(False)  # an unused last_state costs no zeros tensor in backward
+        return out, states[-1].transpose(-1, -2).reshape(b, d, n)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gout, glast):
+        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+        args, need = (u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus), ctx.needs_input_grad
+        gout = torch.zeros_like(u) if gout is None else gout
+        grads = {i: u.new_empty(t.shape) for i, t in ((0, u), (1, delta), (3, B), (4, C), (6, u)) if need[i]}
+
+        def part(sl):
+            mine = {i: t[sl] for i, t in grads.items()}
+            last = None if glast is None else glast[sl]
+            return _Part(*args, sl).backward(gout[sl], last, ctx.states[:, sl], need, mine)
+
+        sums = _run_parts(u, part)
+        grads.update({i: sum(s[i] for s in sums) for i in sums[0]})
+        return (*(grads.get(i) for i in range(8)), None)
+
+
+def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:  # noqa: N803
+    """Shape errors in the caller's terms, rather than from deep inside the chunk loop."""
+    (b, d, l), n = (u.shape if u.dim() == 3 else (0, 0, 0)), A.shape[-1]  # noqa: E741
+    want = {"u": (b, d, l), "delta": (b, d, l), "A": (d, n), "D": (d,), "z": (b, d, l), "delta_bias": (d,)}
+    for (name, shape), t in zip(want.items(), (u, delta, A, D, z, delta_bias)):
+        if t is not None and (tuple(t.shape) != shape or not b or t.is_complex()):
+            raise ValueError(f"selective_scan: {name} must be real with shape {shape} for u (B, D, L) and "
+                             f"A (D, N); got {tuple(t.shape)} {t.dtype}")
+    for name, t in (("B", B), ("C", C)):
+        g = t.shape[1] if t.dim() == 4 else 1
+        if tuple(t.shape) not in ((b, n, l), (b, g, n, l)) or d % g:
+            raise ValueError(f"selective_scan: {name} must be (B, N, L) = {(b, n, l)} or (B, G, N, L) with G "
+                             f"dividing D = {d}; got {tuple(t.shape)}")
+
+
+def _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, last):  # noqa: N803
+    # fp16/bf16 are upcast as mamba-ssm does (the decays underflow in half precision); fp64 stays,
+    # so gradcheck can run. The casts sit outside the Function: autograd then hands each
+    # gradient back in its input's dtype.
+    dtype = torch.promote_types(u.dtype, torch.float32)
+    B, C = (t.unsqueeze(1) if t.dim() == 3 else t for t in (B, C))
+    g = math.lcm(B.shape[1], C.shape[1])  # B and C in different groups (the CUDA kernel refuses it)
+    B, C = (t.repeat_interleave(g // t.shape[1], dim=1) if t.shape[1] != g else t for t in (B, C))
+    args = [t if t is None else t.to(dtype) for t in (u, delta, A, B, C, D, z, delta_bias)]
+    out, last_state = _SelectiveScan.apply(*args, bool(delta_softplus))
+    return (out.to(u.dtype), last_state) if last else out.to(u.dtype)
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,  # noqa: N803
+                   delta_softplus=False, return_last_state=False):
+    """Drop-in for mamba_ssm's ``selective_scan_fn``; returns ``out`` or ``(out, last_state)``.
+
+    The backend is resolved per call (see :func:`resolve_backend`) so one model runs the fused
+    kernel on a GPU box and the torch scan on a laptop without a code change.
+    """
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    if resolve_backend(u.device) == "mamba_ssm":
+        return _mamba_ssm_import()[0](u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                      delta_softplus=delta_softplus, return_last_state=return_last_state)
+    return _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
