@@ -1,0 +1,33 @@
+"""cmdbnet: CNN + Mamba dual-branch semantic segmentation of aerial imagery.
+
+The public API mirrors the command line; names load lazily so ``import cmdbnet`` is cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "synth": "cmdbnet.data.synthetic",
+    "prepare": "cmdbnet.data.tiling",
+    "train": "cmdbnet.engine.trainer",
+    "evaluate": "cmdbnet.engine.evaluate",
+    "predict": "cmdbnet.engine.inference",
+    "build_model": "cmdbnet.models",
+    "load_settings": "cmdbnet.settings",
+    "Settings": "cmdbnet.settings",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cmdbnet' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
