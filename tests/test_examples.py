@@ -35,3 +35,18 @@ def test_ablation_script_covers_every_variant():
     loop = re.search(r"for variant in ([a-z_ ]+); do", text).group(1).split()
     assert sorted(loop) == sorted(get_args(ModelSettings.model_fields["variant"].annotation))
     assert subprocess.run(["bash", "-n", str(EXAMPLES / "ablation.sh")]).returncode == 0
+
+
+def test_cpu_quick_recipe_is_the_demo_recipe(tmp_path):
+    """examples/cpu-quick.yaml documents what `cmdb demo` trains with; keep them equal."""
+    from cmdbnet.engine.demo import demo_settings
+
+    recipe = load_settings(EXAMPLES / "cpu-quick.yaml")
+    demo = demo_settings(tmp_path, "cpu", max_steps=60, minutes=5)
+    for section in ("data", "model", "train"):
+        want = getattr(recipe, section).model_dump()
+        got = getattr(demo, section).model_dump()
+        for key in ("crop", "workers", "variant", "pretrained", "batch", "accum", "amp", "lr", "schedule",
+                    "warmup_steps", "val_interval", "seed"):
+            if key in want:
+                assert got[key] == want[key], (section, key)
