@@ -31,6 +31,10 @@ def atomic_path(final: str | os.PathLike, suffix: str | None = None) -> Iterator
         raise CmdbError(f"cannot write in {final.parent}: {exc.strerror or exc}") from None
     os.close(fd)
     tmp_path = Path(tmp)
+    # mkstemp creates 0600 files; give the result the permissions a plain open() would
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)
     try:
         yield tmp_path
         os.replace(tmp_path, final)

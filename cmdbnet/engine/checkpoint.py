@@ -91,7 +91,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     model_settings = settings.model.model_copy(update={"pretrained": "off", "backbone_weights": None})
     model = build_model(model_settings)
     state = ckpt["model"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        first = str(exc).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else (first[0] if first else "size mismatch")
+        raise CmdbError(f"{resolve_checkpoint(path)}: weights do not fit the network in its settings "
+                        f"({detail[:200]})") from None
     if missing or unexpected:
         raise CmdbError(f"{resolve_checkpoint(path)}: weights do not match the network in its settings "
                         f"({len(missing)} missing, {len(unexpected)} unexpected keys)")
