@@ -82,7 +82,7 @@ def _fresh_backend_state(monkeypatch):
     scan._mamba_ssm_import.cache_clear()
 
 
-SHAPES = [(2, 4, 1, 3), (2, 6, 37, 4), (1, 8, 64, 2), (3, 4, 19, 5)]
+SHAPES = [(2, 4, 1, 3), (2, 6, 37, 4), (1, 8, 64, 2), (3, 4, 19, 5), (2, 8, 300, 1)]  # last: kept states, 2 chunks
 FLAGS = list(itertools.product([False, True], repeat=4))  # D, z, delta_bias, delta_softplus
 CASES = [(form, *flags) for form in ("3d", "g1", "g2") for flags in FLAGS]
 

@@ -197,6 +197,13 @@ def scan_state_bytes(b: int, d: int, l: int, n: int) -> int:  # noqa: E741
     return (math.ceil(l / t) + 1) * b * d * n * 4
 
 
+def scan_kept_max_n() -> int:
+    """Largest d_state at which the torch scan keeps every state for backward (``ctx.full``)."""
+    from ..models import scan
+
+    return scan._KEEP_ALL_MAX_N
+
+
 class ScanFootprint(torch.autograd.Function):
     """The torch scan's memory without its time loop: same saved tensors, ``ctx.states`` and outputs."""
 
@@ -206,6 +213,8 @@ class ScanFootprint(torch.autograd.Function):
         g, n = B.shape[1], A.shape[1]
         chunks = scan_state_bytes(b, d, l, n) // (b * d * n * 4)
         ctx.states = u.new_empty((chunks, b, g, n, d // g))
+        ctx.full = (u.new_empty((l, b, g, n, d // g))
+                    if n <= scan_kept_max_n() and any(ctx.needs_input_grad) else None)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
         for listener in _SCAN_LISTENERS[-1:]:
             listener.on_scan((b, d, l, n))

@@ -46,6 +46,9 @@ _MAX_CHUNK = 256
 # Worker threads, one per batch slice (see _run_parts). Each holds the GIL for a few us per op,
 # so past a handful they would queue on it; 4 is an estimate (only 2 cores measured).
 _MAX_WORKERS = 4
+# At d_state <= 2 every state costs no more than the inputs: keep them all in forward so
+# backward skips recomputing each chunk (the recompute was 40% of backward at d_state 1).
+_KEEP_ALL_MAX_N = 2
 
 
 class ScanBackendError(CmdbError, RuntimeError):
@@ -231,7 +234,7 @@ class _Part:
         Bc, Cc = (_load(self.ws, name, t, s0, s1).unsqueeze(-1) for name, t in (("B", self.B), ("C", self.C)))
         return pre, dt, uc, du, Bc, Cc
 
-    def forward(self, out, states):
+    def forward(self, out, states, full=None):
         ws = self.ws
         for s0, s1, chunks in self.blocks():
             _, dt, uc, du, Bc, Cc = self.inputs(s0, s1)
@@ -240,6 +243,8 @@ class _Part:
                 a, x = ws("a", k, *self.state), ws("x", k, *self.state)
                 _chunk_states(dt[r], du[r], Bc[r], self.At, states[c] if c else None, a, x)
                 states[c + 1].copy_(x[-1])
+                if full is not None:
+                    full[s0 + r.start:s0 + r.stop].copy_(x)
                 # Not a matmul as in backward: FlopCounterMode would count it, and engine.complexity
                 # counts the scan by scan_macs instead, whether or not a worker thread runs it.
                 torch.sum(torch.mul(x, Cc[r], out=a), dim=-2, keepdim=True, out=y[r])
@@ -249,7 +254,7 @@ class _Part:
                 y.mul_(F.silu(self.load("z", self.z, s0, s1), inplace=True))
             _store(ws, out, s0, s1, y)
 
-    def backward(self, gout, glast, states, need, grads):
+    def backward(self, gout, glast, states, need, grads, full=None):
         """Fill this slice of ``grads`` {0: u, 1: delta, 3: B, 4: C, 6: z} and return its own
         {2: A, 5: D, 7: delta_bias} gradients, which the caller adds up over the slices."""
         ws, Dv, At = self.ws, self.Dv, self.At
@@ -274,7 +279,11 @@ class _Part:
             for c, k, r in chunks:
                 a, x, gx, w = (ws(name, k, *self.state) for name in ("a", "x", "gx", "w"))
                 h0 = states[c] if c else None
-                _chunk_states(dt[r], du[r], Bc[r], At, h0, a, x)
+                if full is None:
+                    _chunk_states(dt[r], du[r], Bc[r], At, h0, a, x)
+                else:  # states kept by forward: only the decays are recomputed
+                    torch.mul(dt[r], At, out=a).exp_()
+                    x = full[s0 + r.start:s0 + r.stop]
                 if yb is not None:
                     torch.matmul(Cc[r].mT, x, out=yb[r])
                 if gCb is not None:
@@ -382,10 +391,12 @@ class _SelectiveScan(torch.autograd.Function):
         states = u.new_empty((math.ceil(l / _plan(b, d, l, n)[0]) + 1, b, g, n, d // g))
         states[0].zero_()
         out = u.new_empty((b, d, l))
+        full = u.new_empty((l, b, g, n, d // g)) if n <= _KEEP_ALL_MAX_N and any(ctx.needs_input_grad) else None
         args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-        _run_parts(u, lambda sl: _Part(*args, sl).forward(out[sl], states[:, sl]))
+        _run_parts(u, lambda sl: _Part(*args, sl).forward(out[sl], states[:, sl],
+                                                          None if full is None else full[:, sl]))
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
-        ctx.states, ctx.delta_softplus = states, delta_softplus
+        ctx.states, ctx.full, ctx.delta_softplus = states, full, delta_softplus
         ctx.set_materialize_grads(False)  # an unused last_state costs no zeros tensor in backward
         return out, states[-1].transpose(-1, -2).reshape(b, d, n)
 
@@ -400,7 +411,8 @@ class _SelectiveScan(torch.autograd.Function):
         def part(sl):
             mine = {i: t[sl] for i, t in grads.items()}
             last = None if glast is None else glast[sl]
-            return _Part(*args, sl).backward(gout[sl], last, ctx.states[:, sl], need, mine)
+            full = None if ctx.full is None else ctx.full[:, sl]
+            return _Part(*args, sl).backward(gout[sl], last, ctx.states[:, sl], need, mine, full)
 
         sums = _run_parts(u, part)
         grads.update({i: sum(s[i] for s in sums) for i in sums[0]})
