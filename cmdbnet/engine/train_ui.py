@@ -6,7 +6,7 @@ Kept apart from the loop so the loop stays readable and tests can switch it off.
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 
 class TrainUI:
@@ -21,19 +21,19 @@ class TrainUI:
             return
         self.console.print(f"[bold]train[/]: {description}")
         self.progress = Progress(
-            TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]} (main {task.fields[main]} aux {task.fields[aux]} "
-                       "bnd {task.fields[bnd]}) lr {task.fields[lr]} {task.fields[ips]} img/s {task.fields[mem]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False)
+            TextColumn("ep {task.fields[epoch]}"), BarColumn(bar_width=16), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]} ({task.fields[main]}/{task.fields[aux]}/{task.fields[bnd]} "
+                       "main/aux/bnd) lr {task.fields[lr]} {task.fields[ips]} img/s {task.fields[mem]}"),
+            TimeRemainingColumn(), console=self.console, transient=False)
         self.progress.start()
-        self.task = self.progress.add_task("train", total=total, completed=done, epoch=0, loss="-", main="-",
+        self.task = self.progress.add_task("train", total=total, completed=done, epoch=1, loss="-", main="-",
                                            aux="-", bnd="-", lr="-", ips="-", mem="")
 
     def step(self, epoch: int, step: int, total: int, losses: dict[str, float], lr: float, ips: float,
              mem: dict[str, float]) -> None:
         if self.progress is None:
             return
-        mem_text = " ".join(f"{k.replace('_mib', '')} {v:.0f} MiB" for k, v in mem.items()
+        mem_text = " ".join(f"{v / 1024:.1f}G {k.split('_')[0]}" for k, v in mem.items()
                             if k in ("rss_mib", "cuda_allocated_mib"))
         self.progress.update(self.task, completed=step, epoch=epoch, loss=f"{losses.get('total', 0):.3f}",
                              main=f"{losses.get('main', 0):.3f}", aux=f"{losses.get('aux', 0):.3f}",

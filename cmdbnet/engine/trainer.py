@@ -278,7 +278,7 @@ class Trainer:
             self.tb.scalars({f"loss/{k}": v for k, v in losses.items()}, self.step)
             self.tb.scalars({"train/lr": lr, "train/images_per_s": imgs / dt}, self.step)
             self.tb.scalars({f"memory/{k}": v for k, v in mem.items()}, self.step)
-            self.ui.step(self.epoch, self.step, self.total_steps, losses, lr, imgs / dt, mem)
+            self.ui.step(self.epoch + 1, self.step, self.total_steps, losses, lr, imgs / dt, mem)
             if self.step >= self.total_steps or self._time_up():
                 return
             if self.stop_after_steps is not None and self.step >= self.stop_after_steps:
