@@ -15,6 +15,7 @@ import numpy as np
 import rasterio
 import torch
 
+from ..data.manifest import read_manifest
 from ..data.synthetic import synth
 from ..data.tiling import prepare
 from ..settings import PredictSettings, Settings, load_settings
@@ -100,7 +101,7 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 5.0, device: str = 
         pred = src.read(1)
     preview = save_preview(out / "predict" / f"{image_path.stem}_preview.png", image, pred,
                            list(scores["per_class"]),
-                           _palette(ckpt), truth=held_out.truth)
+                           read_manifest(out / "prepared")["palette"], truth=held_out.truth)
     agree = float(np.mean((pred == held_out.truth)[held_out.truth != 255]))
     return {"train": {"steps": result.steps, "best_val_mIoU": result.best_miou,
                       "minutes": round((time.monotonic() - t_start) / 60, 2)},
@@ -111,8 +112,3 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 5.0, device: str = 
                       "tensorboard": str(out / "run" / "tb"), "scores": str(out / "test_scores.json")},
             "precision": resolve_precision(False, "fp16", dev).label}
 
-
-def _palette(ckpt: Path) -> list[list[int]]:
-    from .checkpoint import load_checkpoint
-
-    return load_checkpoint(ckpt)["dataset"]["palette"]

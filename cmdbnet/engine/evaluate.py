@@ -64,7 +64,7 @@ def score_loader(model: torch.nn.Module, loader, metrics: SegmentationMetrics, d
                 if tta == "none":
                     out = net(image)
                     probs = out["seg"].float().softmax(1)
-                    boundary = out.get("boundary")
+                    boundary = out.get("boundary")  # logits; forward_tta returns probabilities
                 else:
                     probs, boundary = forward_tta(net, image, tta)
             pred = probs.argmax(1)
@@ -76,7 +76,8 @@ def score_loader(model: torch.nn.Module, loader, metrics: SegmentationMetrics, d
                 preview = {"image": image[:keep_preview].float().cpu(), "label": label[:keep_preview].cpu(),
                            "pred": pred[:keep_preview].cpu()}
                 if boundary is not None:
-                    preview["boundary"] = torch.sigmoid(boundary[:keep_preview].float()).cpu()
+                    b = boundary[:keep_preview].float()
+                    preview["boundary"] = (torch.sigmoid(b) if tta == "none" else b).cpu()
             if on_batch:
                 on_batch(image.shape[0])
     finally:

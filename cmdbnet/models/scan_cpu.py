@@ -20,6 +20,7 @@ import torch
 # so past a handful they would queue on it; 4 is an estimate (only 2 cores measured).
 _MAX_WORKERS = 4
 
+
 class _Scratch:
     """Named buffers reused from block to block: a fresh MiB-sized CPU tensor page-faults as it
     is first written, which measured slower than the arithmetic done in it."""
