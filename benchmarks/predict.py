@@ -63,8 +63,8 @@ def write_scene(path: Path, size: int, block: int = 512) -> None:
 def make_checkpoint(path: Path, light: bool) -> None:
     import torch
 
+    from cmdbnet.checkpoint import save_checkpoint
     from cmdbnet.data.registry import POTSDAM
-    from cmdbnet.engine.checkpoint import save_checkpoint
     from cmdbnet.models import build_model
     from cmdbnet.settings import IMAGENET_MEAN, IMAGENET_STD, ModelSettings, Settings
 
@@ -82,7 +82,7 @@ def make_checkpoint(path: Path, light: bool) -> None:
 # ----------------------------------------------------------------------------- children
 def child_predict(a: dict) -> dict:
     import cmdbnet.models  # noqa: F401  (imports are process start-up, as in the bare child)
-    from cmdbnet.engine.inference import predict
+    from cmdbnet.inference.files import predict
     from cmdbnet.settings import PredictSettings
     from cmdbnet.utils import peak_rss_bytes
 
@@ -96,8 +96,8 @@ def child_predict(a: dict) -> dict:
 def child_bare(a: dict) -> dict:
     import torch
 
-    from cmdbnet.engine.checkpoint import load_model
-    from cmdbnet.engine.sliding import axis_grid
+    from cmdbnet.checkpoint import load_model
+    from cmdbnet.inference.window import axis_grid
     from cmdbnet.utils import peak_rss_bytes
 
     model, _ = load_model(a["ckpt"], "cpu")
@@ -175,7 +175,7 @@ def main() -> int:
     make_checkpoint(ckpt, a.light)  # always fresh: the network code may have changed since last time
     import rasterio
 
-    from cmdbnet.engine.rasters import quiet_georef
+    from cmdbnet.inference.rasters import quiet_georef
 
     with quiet_georef(), rasterio.open(src) as ds:
         width, height = ds.width, ds.height

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from affine import Affine
 import rasterio
+from affine import Affine
 from rasterio.crs import CRS
 
 from cmdbnet.data.registry import get_spec

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cmdbnet.models.scan import _selective_scan_torch, scan_macs  # noqa: E402
+from cmdbnet.models.scan import scan_macs  # noqa: E402
+from cmdbnet.models.scan.dispatch import _selective_scan_torch  # noqa: E402
 
 SPEEDUP_TARGET = 50.0
 STAGE1_TARGET_S = 1.5

@@ -20,15 +20,15 @@ from pathlib import Path
 
 import torch
 
+from cmdbnet.data.loaders import train_loader
+from cmdbnet.data.preparation import prepare
 from cmdbnet.data.synthetic import synth
-from cmdbnet.data.tiling import prepare
-from cmdbnet.engine.loaders import train_loader
-from cmdbnet.engine.losses import CMDBLoss
-from cmdbnet.engine.optim import build_optimizer
-from cmdbnet.engine.runtime import DistInfo, resolve_precision
-from cmdbnet.engine.trainer import run_step_group
+from cmdbnet.losses import CMDBLoss
 from cmdbnet.models import build_model
+from cmdbnet.runtime import DistInfo, resolve_precision
 from cmdbnet.settings import load_settings
+from cmdbnet.training.optim import build_optimizer
+from cmdbnet.training.step import run_step_group
 from cmdbnet.utils import peak_rss_bytes
 
 

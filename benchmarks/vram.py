@@ -1,6 +1,6 @@
 """Estimated peak GPU memory of the training recipes SPEC.md names, and, on CUDA, the measured peak beside it.
 
-Why both in one run: the estimate (cmdbnet/engine/memory.py) exists for machines without the
+Why both in one run: the estimate (cmdbnet/profiling/tracing.py) exists for machines without the
 GPU; it is only worth trusting as far as it matches a measurement on one. On a CUDA machine
 each recipe is traced and then trained for three real steps (forward, backward, AdamW) in the
 same process, and the ratio estimate / measured is printed: the allowances for workspace and
@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cmdbnet.engine.fit import CONTEXT_RESERVE, MemoryConfig, estimate, measure_cuda  # noqa: E402
 from cmdbnet.errors import CmdbError  # noqa: E402
+from cmdbnet.profiling.budget import CONTEXT_RESERVE, MemoryConfig, estimate, measure_cuda  # noqa: E402
 from cmdbnet.settings import load_settings  # noqa: E402
 from cmdbnet.utils import format_bytes  # noqa: E402
 

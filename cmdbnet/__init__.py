@@ -12,10 +12,10 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "synth": "cmdbnet.data.synthetic",
-    "prepare": "cmdbnet.data.tiling",
-    "train": "cmdbnet.engine.trainer",
-    "evaluate": "cmdbnet.engine.evaluate",
-    "predict": "cmdbnet.engine.inference",
+    "prepare": "cmdbnet.data.preparation",
+    "train": "cmdbnet.api",
+    "evaluate": "cmdbnet.evaluation",
+    "predict": "cmdbnet.inference.files",
     "build_model": "cmdbnet.models",
     "load_settings": "cmdbnet.settings",
     "Settings": "cmdbnet.settings",

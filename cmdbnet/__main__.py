@@ -1,6 +1,6 @@
 """``python -m cmdbnet``: the same as ``cmdb`` (and what ``torchrun -m cmdbnet`` runs)."""
 
-from .cli import main
+from cmdbnet.cli import main
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from .errors import ConfigError
+from cmdbnet.errors import ConfigError
 
 # ImageNet statistics on the 0..255 scale, the scale of 8-bit aerial tiles.
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -46,7 +46,7 @@ class DataSettings(_Section):
     std: list[float] = Field(default_factory=lambda: list(IMAGENET_STD))
 
     @model_validator(mode="after")
-    def _stats_match(self) -> "DataSettings":
+    def _stats_match(self) -> DataSettings:
         if len(self.mean) != len(self.std):
             raise ValueError("mean and std must have the same number of bands")
         if any(s <= 0 for s in self.std):

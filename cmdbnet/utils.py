@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
-from .errors import CmdbError
+from cmdbnet.errors import CmdbError
 
 
 @contextlib.contextmanager

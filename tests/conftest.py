@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from cmdbnet.data.preparation import PrepareWarning, prepare
 from cmdbnet.data.synthetic import SynthScenes, synth
-from cmdbnet.data.tiling import PrepareWarning, prepare
 
 
 @pytest.fixture(scope="session")

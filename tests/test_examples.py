@@ -39,7 +39,7 @@ def test_ablation_script_covers_every_variant():
 
 def test_cpu_quick_recipe_is_the_demo_recipe(tmp_path):
     """examples/cpu-quick.yaml documents what `cmdb demo` trains with; keep them equal."""
-    from cmdbnet.engine.demo import demo_settings
+    from cmdbnet.demo import demo_settings
 
     recipe = load_settings(EXAMPLES / "cpu-quick.yaml")
     demo = demo_settings(tmp_path, "cpu", max_steps=60, minutes=5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmdbnet.engine.losses import CMDBLoss, SegLoss, boundary_loss, boundary_targets, dice_loss
+from cmdbnet.losses import CMDBLoss, SegLoss, boundary_loss, boundary_targets, dice_loss
 
 
 def _labels(b=2, h=16, w=16, k=4, seed=0):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cmdbnet.engine.metrics import SegmentationMetrics, boundary_band, dilation_pixels
+from cmdbnet.metrics import SegmentationMetrics, boundary_band, dilation_pixels
 
 # 3-class 4x4 case. Confusion (rows target, cols pred), counted by hand:
 #   t0: preds 0,1,0,0          -> [3, 1, 0]

@@ -1,7 +1,7 @@
 """What every command shares: error reporting, settings from flags, consoles, JSON output.
 
 The command modules beside this one only parse flags and call the package; anything
-worth testing lives in ``cmdbnet.data`` / ``cmdbnet.engine``.
+worth testing lives in the workflow packages.
 """
 
 from __future__ import annotations
@@ -9,14 +9,15 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
 
-from ..errors import CmdbError
-from ..settings import Settings, load_settings
+from cmdbnet.errors import CmdbError
+from cmdbnet.settings import Settings, load_settings
 
 console = Console()
 err_console = Console(stderr=True)

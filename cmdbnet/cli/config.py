@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import ConfigOption, JsonFlag, cli_errors, print_json, settings_from
+from cmdbnet.cli.common import ConfigOption, JsonFlag, cli_errors, print_json, settings_from
 
 config_app = typer.Typer(help="Inspect settings.", no_args_is_help=True)
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import ConfigOption, JsonFlag, cli_errors, console, print_json, settings_from
+from cmdbnet.cli.common import ConfigOption, JsonFlag, cli_errors, console, print_json, settings_from
 
 VARIANTS = ("full", "cnn_only", "mamba_only", "no_fusion", "no_boundary")
 
@@ -35,9 +35,9 @@ def count_params(
 
       cmdb count-params --crop 512 --variant no_boundary --json
     """
-    from ..engine.complexity import LABELS, SPEC_CLAIMS, count_complexity
-    from ..errors import CmdbError
-    from ..models import build_model
+    from cmdbnet.errors import CmdbError
+    from cmdbnet.models import build_model
+    from cmdbnet.profiling.complexity import LABELS, SPEC_CLAIMS, count_complexity
 
     if variant is not None and variant not in VARIANTS:
         raise CmdbError(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)}")
@@ -64,7 +64,7 @@ def count_params(
     console.print(table)
     console.print("MACs = FLOPs / 2 of convolutions, matmuls and attention (FlopCounterMode) plus the selective "
                   "scan (scan_macs); auxiliary heads count parameters only (they run in training). "
-                  "SPEC's CNN figure is ResNet34 at 224 x 224; see cmdbnet/engine/complexity.py.", style="dim")
+                  "SPEC's CNN figure is ResNet34 at 224 x 224; see cmdbnet/profiling/complexity.py.", style="dim")
 
 
 def register(app: typer.Typer) -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from .common import JsonFlag, cli_errors, console, err_console, print_json
-from .train import metrics_table, protocol_line
+from cmdbnet.cli.common import JsonFlag, cli_errors, console, err_console, print_json
+from cmdbnet.cli.train import metrics_table, protocol_line
 
 
 def demo_cmd(
@@ -30,7 +30,7 @@ def demo_cmd(
 
       cmdb demo --device cuda --minutes 10
     """
-    from ..engine.demo import run_demo
+    from cmdbnet.demo import run_demo
 
     say = (lambda msg: err_console.print(msg)) if as_json else (lambda msg: console.print(f"[bold]{msg}[/]"))
     result = run_demo(out, minutes=minutes, device=device, seed=seed, progress=not as_json, say=say)

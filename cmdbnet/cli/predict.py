@@ -1,14 +1,14 @@
-"""``cmdb predict``: parse flags, call :func:`cmdbnet.engine.inference.predict`, print summaries."""
+"""``cmdb predict``: parse flags, call :func:`cmdbnet.inference.files.predict`, print summaries."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
-from ..utils import format_bytes
-from .common import ConfigOption, JsonFlag, cli_errors, console, print_json, settings_from
+from cmdbnet.cli.common import ConfigOption, JsonFlag, cli_errors, console, print_json, settings_from
+from cmdbnet.utils import format_bytes
 
 
 def summary_line(s: dict) -> str:
@@ -20,7 +20,7 @@ def summary_line(s: dict) -> str:
 
 
 def predict_cmd(
-    inputs: List[str] = typer.Argument(..., metavar="INPUT...",
+    inputs: list[str] = typer.Argument(..., metavar="INPUT...",
                                        help="Raster files, folders or glob patterns (GeoTIFF, PNG, JPEG, ...)."),
     out: Path = typer.Option(..., "--out", "-o",
                              help="Output .tif for one input, else a folder (<stem>_mask.tif, ...)."),
@@ -59,7 +59,7 @@ def predict_cmd(
 
       cmdb predict "scenes/*.png" -o out/ -k best.pt --probs --boundary --json
     """
-    from ..engine.inference import predict
+    from cmdbnet.inference.files import predict
 
     settings = settings_from(config, predict={
         "tile": tile, "overlap": overlap, "tta": tta, "batch": batch, "format": fmt,

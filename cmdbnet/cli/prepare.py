@@ -9,8 +9,8 @@ from typing import Optional
 
 import typer
 
-from ..errors import CmdbError
-from .common import ConfigOption, JsonFlag, cli_errors, console, print_json, settings_from
+from cmdbnet.cli.common import ConfigOption, JsonFlag, cli_errors, console, print_json, settings_from
+from cmdbnet.errors import CmdbError
 
 
 def _warn_line(message, category, filename, lineno, file=None, line=None) -> None:
@@ -47,7 +47,7 @@ def prepare_command(
 
       cmdb prepare loveda -r data/LoveDA -o prep/loveda --crop 512 -w 8 --json
     """
-    from ..data.tiling import PrepareWarning, prepare
+    from cmdbnet.data.preparation import PrepareWarning, prepare
 
     settings = settings_from(config, data={"dataset": dataset, "root": root, "prepared": out, "crop": crop,
                                            "stride": stride, "eroded": eroded, "bands": bands, "workers": workers})
@@ -108,7 +108,7 @@ def synth_command(
 
       cmdb synth loveda --out demo/loveda --tiles 9 --seed 3
     """
-    from ..data.synthetic import synth
+    from cmdbnet.data.synthetic import synth
 
     scenes = synth(dataset, out, tiles=tiles, size=size, seed=seed)
     rows = [{"tile_id": t.tile_id, "split": t.split, "scene": t.scene,

@@ -9,9 +9,9 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ..utils import format_bytes, parse_bytes
-from .common import ConfigOption, JsonFlag, cli_errors, console, err_console, print_json, settings_from
-from .train import VARIANTS
+from cmdbnet.cli.common import ConfigOption, JsonFlag, cli_errors, console, err_console, print_json, settings_from
+from cmdbnet.cli.train import VARIANTS
+from cmdbnet.utils import format_bytes, parse_bytes
 
 _LABELS = {"weights": "weights (fp32)", "gradients": "gradients (fp32)",
            "optimizer": "optimizer (AdamW, 2 fp32 moments)", "activations": "activations (end of forward + loss)",
@@ -86,7 +86,7 @@ def profile_vram_cmd(
 
       cmdb profile-vram -c examples/laptop-6gb.yaml --device cuda
     """
-    from ..engine.fit import CONTEXT_RESERVE, profile, search
+    from cmdbnet.profiling.budget import CONTEXT_RESERVE, profile, search
 
     if device not in ("auto", "cpu", "cuda"):
         raise typer.BadParameter("use auto, cpu or cuda", param_hint="--device")

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import ConfigOption, JsonFlag, cli_errors, console, err_console, print_json, settings_from
+from cmdbnet.cli.common import ConfigOption, JsonFlag, cli_errors, console, err_console, print_json, settings_from
 
 VARIANTS = "full, cnn_only, mamba_only, no_fusion, no_boundary"
 
@@ -80,7 +80,7 @@ def train_cmd(
 
       torchrun --nproc-per-node 2 -m cmdbnet train --data prepared/potsdam --out runs/ddp
     """
-    from ..engine.trainer import train
+    from cmdbnet.api import train
 
     settings = settings_from(
         config,
@@ -127,7 +127,7 @@ def evaluate_cmd(
 
       cmdb evaluate runs/potsdam/best.pt --data prepared/potsdam --tta --json scores.json
     """
-    from ..engine.evaluate import evaluate
+    from cmdbnet.evaluation import evaluate
 
     result = evaluate(checkpoint, data, split=split, tta="d4" if tta else "none", ignore_clutter=ignore_clutter,
                       device=device, batch=batch, workers=workers, json_out=json_file,

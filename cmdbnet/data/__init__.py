@@ -13,7 +13,7 @@ _EXPORTS = {
     "DatasetSpec": "registry", "BandChoice": "registry", "DATASETS": "registry", "get_spec": "registry",
     "IGNORE_INDEX": "registry",
     "RawTile": "raw", "RawScan": "raw", "find_tiles": "raw", "LabelDecoder": "raw",
-    "prepare": "tiling", "crop_windows": "tiling", "axis_starts": "tiling", "PrepareWarning": "tiling",
+    "prepare": "preparation", "crop_windows": "preparation", "axis_starts": "preparation", "PrepareWarning": "preparation",
     "synth": "synthetic", "render_scene": "synthetic", "tile_plan": "synthetic", "SynthScenes": "synthetic",
     "SynthTile": "synthetic",
     "read_manifest": "manifest", "PreparedDataset": "dataset",
@@ -33,10 +33,10 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .dataset import PreparedDataset
-    from .manifest import read_manifest
-    from .raw import LabelDecoder, RawScan, RawTile, find_tiles
-    from .registry import DATASETS, IGNORE_INDEX, BandChoice, DatasetSpec, get_spec
-    from .synthetic import SynthScenes, SynthTile, render_scene, synth, tile_plan
-    from .tiling import PrepareWarning, axis_starts, crop_windows, prepare
-    from .transforms import eval_transform, train_transform
+    from cmdbnet.data.dataset import PreparedDataset
+    from cmdbnet.data.manifest import read_manifest
+    from cmdbnet.data.preparation import PrepareWarning, axis_starts, crop_windows, prepare
+    from cmdbnet.data.raw import LabelDecoder, RawScan, RawTile, find_tiles
+    from cmdbnet.data.registry import DATASETS, IGNORE_INDEX, BandChoice, DatasetSpec, get_spec
+    from cmdbnet.data.synthetic import SynthScenes, SynthTile, render_scene, synth, tile_plan
+    from cmdbnet.data.transforms import eval_transform, train_transform

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import rasterio
 import torch
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
-from ..errors import CmdbError
-from .manifest import read_manifest
+from cmdbnet.data.manifest import read_manifest
+from cmdbnet.errors import CmdbError
 
 __all__ = ["PreparedDataset", "read_manifest"]
 
@@ -65,8 +66,8 @@ class PreparedDataset(torch.utils.data.Dataset):
             raise CmdbError(f"split {split!r} has no crops in {self.root}; splits with crops: {have}")
         self.stems: list[str] = sorted(stems)
         if transform is None:
-            from ..settings import DataSettings
-            from .transforms import eval_transform
+            from cmdbnet.data.transforms import eval_transform
+            from cmdbnet.settings import DataSettings
 
             defaults = DataSettings()
             if len(defaults.mean) != int(self.manifest["band_count"]):

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CmdbError
-from ..utils import write_text_atomic
-from .raw import RasterInfo, RawScan, RawTile
-from .registry import BandChoice, DatasetSpec
+from cmdbnet.data.raw import RasterInfo, RawScan, RawTile
+from cmdbnet.data.registry import BandChoice, DatasetSpec
+from cmdbnet.errors import CmdbError
+from cmdbnet.utils import write_text_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "cmdbnet-prepared"

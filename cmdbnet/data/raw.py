@@ -29,8 +29,8 @@ import rasterio
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
-from ..errors import CmdbError
-from .registry import BandChoice, DatasetSpec, get_spec
+from cmdbnet.data.registry import BandChoice, DatasetSpec, get_spec
+from cmdbnet.errors import CmdbError
 
 PRESPLIT_NAMES = ("train", "val", "test")
 

@@ -90,7 +90,7 @@ class DatasetSpec:
             if choice.name == wanted:
                 return choice
         names = ", ".join(b.name for b in self.bands)
-        from ..errors import CmdbError
+        from cmdbnet.errors import CmdbError
 
         raise CmdbError(f"{self.title} has no band choice {name!r}; choose one of: {names}")
 
@@ -198,6 +198,6 @@ def get_spec(name: str) -> DatasetSpec:
     try:
         return DATASETS[name.lower()]
     except KeyError:
-        from ..errors import CmdbError
+        from cmdbnet.errors import CmdbError
 
         raise CmdbError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}") from None

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from ..errors import CmdbError
-from ..utils import atomic_path
-from .registry import DatasetSpec, get_spec
+from cmdbnet.data.registry import DatasetSpec, get_spec
+from cmdbnet.errors import CmdbError
+from cmdbnet.utils import atomic_path
 
 # Colour ranges per class name: two (R, G, B, NIR) end points, mixed per object.
 _LOOKS: dict[str, tuple[tuple[int, ...], tuple[int, ...], float, float]] = {
@@ -275,7 +275,7 @@ class SynthScenes:
 
 def tile_plan(spec: DatasetSpec, n: int) -> list[tuple[str, str, str]]:
     """``(tile id, split, scene)`` of the first ``n`` synthetic tiles; order in the module doc."""
-    from .raw import official_split
+    from cmdbnet.data.raw import official_split
 
     if spec.official_train:
         train = [t for t in spec.official_train if t not in spec.val_tiles]

@@ -13,7 +13,8 @@ torch derives from the loader's generator and the worker id), so a run seeded wi
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import albumentations as A
 import cv2

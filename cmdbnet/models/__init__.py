@@ -4,6 +4,6 @@
 importable for anyone composing their own network.
 """
 
-from .net import CMDBNet, build_model
+from cmdbnet.models.net import CMDBNet, build_model
 
 __all__ = ["CMDBNet", "build_model"]

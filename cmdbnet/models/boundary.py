@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fusion import ConvBNReLU
+from cmdbnet.models.fusion import ConvBNReLU
 
 __all__ = ["BoundaryRefinement"]
 

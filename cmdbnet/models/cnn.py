@@ -21,7 +21,7 @@ import torchvision
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import CmdbError
+from cmdbnet.errors import CmdbError
 
 __all__ = ["ResNetEncoder", "hub_weights_file", "load_backbone_state"]
 
@@ -68,7 +68,7 @@ def _adapt_stem(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     return weight[:, idx] * (weight.shape[1] / in_channels)
 
 
-def load_backbone_state(encoder: "ResNetEncoder", state: dict[str, torch.Tensor], source: str) -> None:
+def load_backbone_state(encoder: ResNetEncoder, state: dict[str, torch.Tensor], source: str) -> None:
     """Load torchvision ResNet weights strictly (the classifier ``fc.*`` is dropped)."""
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     if "conv1.weight" in state:

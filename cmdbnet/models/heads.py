@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fusion import ConvBNReLU
+from cmdbnet.models.fusion import ConvBNReLU
 
 __all__ = ["SegHead", "AuxHead", "Heads"]
 

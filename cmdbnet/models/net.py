@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .boundary import BoundaryRefinement
-from .cnn import ResNetEncoder
-from .fusion import ConcatFusion, GatedFusion, SingleBranchNeck
-from .heads import Heads
-from .vss import MambaEncoder
+from cmdbnet.models.boundary import BoundaryRefinement
+from cmdbnet.models.cnn import ResNetEncoder
+from cmdbnet.models.fusion import ConcatFusion, GatedFusion, SingleBranchNeck
+from cmdbnet.models.heads import Heads
+from cmdbnet.models.vss import MambaEncoder
 
 __all__ = ["CMDBNet", "build_model", "STRIDE"]
 

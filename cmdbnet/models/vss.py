@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .scan import selective_scan
+from cmdbnet.models.scan import selective_scan
 
 __all__ = ["SS2D", "VSSBlock", "MambaEncoder", "SelectiveScan", "DropPath"]
 

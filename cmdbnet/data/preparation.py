@@ -1,0 +1,301 @@
+"""``prepare``: cut raw tiles into training crops, with a manifest; resumable and atomic.
+
+The output layout and manifest are described in ``manifest``. Crops are GeoTIFFs with the
+source's bands and dtype and the window's georeferencing; labels are single-band uint8
+class indices (255 = ignore, also their nodata value). A crop is named
+``<tile key>_<row>_<col>`` (pixel offsets of the crop in its tile, 5 digits).
+
+Edge rule: crops start every ``stride`` pixels; when the last one does not reach the right
+(bottom) edge, one more crop is added that ends exactly at the edge (it overlaps its
+neighbour), so no pixel is dropped. A tile smaller than the crop is an error naming it.
+
+Memory: a tile is read in strips of ``crop`` rows (``rasterio`` windows), never whole.
+Parallelism: ``workers`` processes cut whole tiles, or runs of strips of one tile when
+there are fewer tiles than workers, so one huge tile still uses every core.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.errors import NotGeoreferencedWarning
+
+from cmdbnet.data.manifest import (
+    build_manifest,
+    check_out,
+    crop_paths,
+    finished_record,
+    mark_done,
+    run_params,
+    write_manifest,
+)
+from cmdbnet.data.raw import UNKNOWN, LabelDecoder, RasterInfo, RawTile, check_tile, find_tiles, open_raster, read_rows
+from cmdbnet.data.registry import get_spec
+from cmdbnet.errors import CmdbError
+from cmdbnet.utils import atomic_path
+
+EDGE_RULE = "last crop of a row/column shifted back to end at the tile edge (overlaps its neighbour)"
+
+
+class PrepareWarning(UserWarning):
+    """Something the user should know about a prepare run (unlisted tiles, skipped folders)."""
+
+
+def axis_starts(length: int, crop: int, stride: int) -> list[int]:
+    """Crop offsets along one axis of ``length`` pixels; see the edge rule in the module doc."""
+    if length < crop:
+        raise ValueError(f"length {length} < crop {crop}")
+    starts = list(range(0, length - crop + 1, stride))
+    if starts[-1] + crop < length:
+        starts.append(length - crop)
+    return starts
+
+
+def window_transform(t: Affine, row: int, col: int) -> Affine:
+    """The transform of a window starting at (row, col): the source's, moved to that pixel."""
+    return Affine(t.a, t.b, t.c + t.a * col + t.b * row, t.d, t.e, t.f + t.d * col + t.e * row)
+
+
+def crop_windows(height: int, width: int, crop: int, stride: int | None = None) -> list[tuple[int, int]]:
+    """``(row, col)`` offsets of every crop of a ``height`` x ``width`` tile, row-major."""
+    stride = stride or crop
+    return [(r, c) for r in axis_starts(height, crop, stride) for c in axis_starts(width, crop, stride)]
+
+
+@dataclass(frozen=True)
+class TileJob:
+    """One worker's share of a tile: some strips of crops, maybe a source checksum (picklable)."""
+
+    dataset: str
+    tile: RawTile
+    info: RasterInfo
+    crop: int
+    stride: int
+    eroded: bool
+    root: str
+    out: str
+    rows: tuple[int, ...]  # row offsets of the strips this job cuts
+    checksums: tuple[str, ...] = ()  # "image" and/or "label": sources this job hashes
+
+
+# GDAL settings while cutting: a small block cache (strips are read once, so caching a whole
+# 6000 x 6000 tile only costs memory) and no directory listing per file opened.
+GDAL_ENV = {"GDAL_CACHEMAX": 64, "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
+
+
+def _file_record(path: Path, root: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    try:
+        rel = path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        rel = str(path.resolve())
+    return {"path": rel, "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _write_tif(path: Path, array: np.ndarray, profile: dict[str, Any]) -> None:
+    with atomic_path(path, suffix=".tif") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)  # sources without georeferencing
+        with rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(array)
+
+
+def cut_tile(job: TileJob, on_strip: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Write the crops of ``job.rows``; on any failure remove the crops it wrote, then re-raise.
+
+    Returns ``{"crops": stems, "counts": pixels per label value (256), "files": {what: record}}``.
+    """
+    spec, tile, info, crop = get_spec(job.dataset), job.tile, job.info, job.crop
+    decoder = LabelDecoder(spec, job.eroded)
+    out = Path(job.out)
+    cols = axis_starts(info.width, crop, job.stride)
+    counts = np.zeros(256, np.int64)
+    written: list[Path] = []
+    stems: list[str] = []
+    try:
+        with rasterio.Env(**GDAL_ENV), open_raster(tile.image, "image") as img, \
+                open_raster(tile.label, "label") as lab:
+            geo = {"crs": img.crs} if info.georeferenced else {}
+            # Uncompressed and band-interleaved: per-file cost dominates prepare, and training
+            # reads every crop many times, so no codec on either side.
+            image_profile = {"driver": "GTiff", "height": crop, "width": crop, "count": info.count,
+                             "dtype": info.dtype, "nodata": img.nodata, "interleave": "band", **geo}
+            label_profile = {"driver": "GTiff", "height": crop, "width": crop, "count": 1, "dtype": "uint8",
+                             "nodata": spec.ignore_index, **geo}
+            for y in job.rows:
+                strip = read_rows(img, y, crop, "image")
+                index = decoder(read_rows(lab, y, crop, "label"))
+                if (index == UNKNOWN).any():
+                    raise decoder.off_palette_error(lab)
+                for x in cols:
+                    stem = f"{tile.key}_{y:05d}_{x:05d}"
+                    where = {"transform": window_transform(img.transform, y, x)} if geo else {}
+                    label = index[None, :, x:x + crop]
+                    image_path, label_path = crop_paths(out, tile.split, stem)
+                    _write_tif(image_path, strip[:, :, x:x + crop], {**image_profile, **where})
+                    written.append(image_path)
+                    _write_tif(label_path, label, {**label_profile, **where})
+                    written.append(label_path)
+                    counts += np.bincount(label.ravel(), minlength=256)
+                    stems.append(stem)
+                if on_strip:
+                    on_strip(len(cols))
+        root = Path(job.root)
+        files = {what: _file_record(getattr(tile, what), root) for what in job.checksums}
+        return {"crops": stems, "counts": counts.tolist(), "files": files}
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def split_jobs(base: dict[str, Any], tile: RawTile, info: RasterInfo, parts: int) -> list[TileJob]:
+    """Cut one tile as ``parts`` jobs of consecutive strips (so one big tile still uses every worker)."""
+    rows = axis_starts(info.height, base["crop"], base["stride"])
+    parts = max(1, min(parts, len(rows)))
+    bounds = np.linspace(0, len(rows), parts + 1).round().astype(int)
+    jobs = []
+    for i in range(parts):
+        sums = (("image",) if i == 0 else ()) + (("label",) if i == parts - 1 else ())
+        jobs.append(TileJob(tile=tile, info=info, rows=tuple(rows[bounds[i]:bounds[i + 1]]), checksums=sums, **base))
+    return jobs
+
+
+# ---------------------------------------------------------------- running
+
+class _Assembler:
+    """Merges the parts of each tile; marks a tile done once all its parts are in."""
+
+    def __init__(self, out: Path, params: dict[str, Any], num_classes: int, ignore_index: int,
+                 jobs: list[TileJob]):
+        self.out, self.params, self.k, self.ignore = out, params, num_classes, ignore_index
+        self.left = {job.tile.key: 0 for job in jobs}
+        for job in jobs:
+            self.left[job.tile.key] += 1
+        self.parts: dict[str, list[dict[str, Any]]] = {key: [] for key in self.left}
+        self.records: dict[str, dict[str, Any]] = {}
+
+    def add(self, job: TileJob, part: dict[str, Any]) -> None:
+        key, tile = job.tile.key, job.tile
+        self.parts[key].append(part)
+        self.left[key] -= 1
+        if self.left[key]:
+            return
+        parts = self.parts[key]
+        counts = np.sum([p["counts"] for p in parts], axis=0)
+        files = {what: rec for p in parts for what, rec in p["files"].items()}
+        record = {"key": key, "tile_id": tile.tile_id, "split": tile.split, "listed": tile.listed,
+                  "image": files["image"], "label": files["label"], "height": job.info.height,
+                  "width": job.info.width, "crs": job.info.crs, "crops": sorted(s for p in parts for s in p["crops"]),
+                  "class_pixels": counts[:self.k].tolist(), "ignored": int(counts[self.ignore])}
+        mark_done(self.out, tile, self.params, record)
+        self.records[key] = record
+
+    def discard_unfinished(self, jobs: list[TileJob]) -> None:
+        """After a failure: remove the crops of tiles that did not finish (no partial tiles left)."""
+        split = {job.tile.key: job.tile.split for job in jobs}
+        for key, parts in self.parts.items():
+            if self.left[key]:
+                for stem in (s for p in parts for s in p["crops"]):
+                    for path in crop_paths(self.out, split[key], stem):
+                        path.unlink(missing_ok=True)
+
+
+def _run_jobs(jobs: list[TileJob], workers: int, progress: bool, add: Callable[[TileJob, dict], None]) -> None:
+    """Cut in this process (workers 0) or a process pool; stop at the first error."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    total = sum(len(j.rows) * len(axis_starts(j.info.width, j.crop, j.stride)) for j in jobs)
+    show = progress and sys.stderr.isatty() and total > 0
+    bar = Progress(TextColumn("[bold]prepare[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("crops"),
+                   TimeRemainingColumn(), console=Console(stderr=True), disable=not show)
+    with bar:
+        task = bar.add_task("crops", total=total)
+        if workers <= 0 or len(jobs) <= 1:
+            for job in jobs:
+                add(job, cut_tile(job, on_strip=lambda n: bar.advance(task, n)))
+            return
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)))
+        futures = {pool.submit(cut_tile, job): job for job in jobs}
+        added = set()
+        try:
+            for fut in as_completed(futures):
+                part = fut.result()  # re-raises a worker's error here
+                added.add(fut)
+                add(futures[fut], part)
+                bar.advance(task, len(part["crops"]))
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            for fut, job in futures.items():  # parts that finished meanwhile: track their crops
+                if fut not in added and fut.done() and not fut.cancelled() and fut.exception() is None:
+                    add(job, fut.result())
+            raise
+        finally:
+            pool.shutdown(wait=True)
+
+
+def prepare(dataset: str, root: str | os.PathLike, out: str | os.PathLike, crop: int = 256,
+            stride: int | None = None, eroded: bool = False, bands: str | None = None, workers: int = 0,
+            progress: bool = True) -> dict[str, Any]:
+    """Cut a raw dataset into crops under ``out`` and return the manifest (also in OUT/manifest.json).
+
+    Re-running with the same arguments skips tiles whose sources and crops are unchanged and
+    leaves every file (manifest included) untouched when nothing changed.
+    """
+    spec = get_spec(dataset)
+    band = spec.band(bands)
+    stride = stride or crop
+    if crop < 1 or not 1 <= stride <= crop:
+        raise CmdbError(f"need 1 <= stride <= crop so every pixel lands in a crop (crop {crop}, stride {stride})")
+    root, out = Path(root), Path(out)
+    scan = find_tiles(spec, root, band.name, eroded)
+    for note in scan.notes:
+        warnings.warn(note, PrepareWarning, stacklevel=2)
+    infos = [check_tile(spec, band, tile) for tile in scan.tiles]
+    for tile, info in zip(scan.tiles, infos):
+        if info.height < crop or info.width < crop:
+            raise CmdbError(f"tile {tile.image} is {info.width}x{info.height} pixels, smaller than the crop {crop}: "
+                            "use a smaller --crop")
+    kinds = {(i.count, i.dtype) for i in infos}
+    if len(kinds) > 1:
+        raise CmdbError(f"images under {root} mix band counts / data types: "
+                        + ", ".join(f"{c} x {d}" for c, d in sorted(kinds)))
+    params = run_params(spec.name, crop, stride, band.name, eroded)
+    check_out(out, root, params)
+
+    records: dict[str, dict[str, Any]] = {}
+    todo = []
+    for tile, info in zip(scan.tiles, infos):
+        record = finished_record(out, tile, params)
+        if record is not None:
+            records[tile.key] = record
+        else:
+            todo.append((tile, info))
+    base = {"dataset": spec.name, "crop": crop, "stride": stride, "eroded": eroded, "root": str(root),
+            "out": str(out)}
+    parts = -(-2 * workers // len(todo)) if workers > 0 and todo else 1  # >= 2 jobs per worker
+    jobs = [job for tile, info in todo for job in split_jobs(base, tile, info, parts)]
+    assembler = _Assembler(out, params, spec.num_classes, spec.ignore_index, jobs)
+    try:
+        _run_jobs(jobs, workers, progress, assembler.add)
+    except BaseException:
+        assembler.discard_unfinished(jobs)
+        raise
+    records.update(assembler.records)
+    manifest = build_manifest(spec, band, params, scan, infos, [records[t.key] for t in scan.tiles], root, EDGE_RULE)
+    write_manifest(out, manifest)
+    return manifest

@@ -1,0 +1,37 @@
+"""Selective scan (Mamba's S6 recurrence): mamba-ssm's fused CUDA kernel when present, else ours.
+
+``dispatch`` picks the backend per call; ``chunked`` is the torch scan and its backward;
+``buffers`` how it runs on a small CPU; ``cost`` its multiply-adds.
+
+Shapes and semantics are those of ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``::
+
+    u: r(B D L)
+    delta: r(B D L)
+    A: r(D N)
+    B: r(B N L) or r(B G N L)   (G groups split D into G equal blocks of channels)
+    C: r(B N L) or r(B G N L)
+    D: r(D)
+    z: r(B D L)
+    delta_bias: r(D)
+    out: r(B D L) in u's dtype; last_state: r(B D N) in the compute dtype (fp32, or fp64)
+
+The fused kernel exists only on CUDA and only where mamba-ssm compiled, which a laptop or a CI
+box often lacks; the model must still train there, so the torch backend is a real
+implementation rather than a test oracle: a chunked sequential scan with a hand-written
+reverse-time backward that never holds more than a chunk of per-step states.
+"""
+
+from cmdbnet.models.scan.chunked import KEEP_ALL_MAX_N, chunk_plan, state_bytes
+from cmdbnet.models.scan.cost import scan_macs
+from cmdbnet.models.scan.dispatch import (
+                                          BACKEND_ENV,
+                                          ScanBackendError,
+                                          ScanBackendNameError,
+                                          available_backends,
+                                          override_function,
+                                          resolve_backend,
+                                          selective_scan,
+)
+
+__all__ = ["BACKEND_ENV", "KEEP_ALL_MAX_N", "ScanBackendError", "ScanBackendNameError", "available_backends",
+           "chunk_plan", "override_function", "resolve_backend", "scan_macs", "selective_scan", "state_bytes"]

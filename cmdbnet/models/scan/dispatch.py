@@ -1,0 +1,139 @@
+"""Which scan backend runs a call, and the ``selective_scan`` entry point that dispatches to it."""
+
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+
+import torch
+
+from cmdbnet.errors import CmdbError
+from cmdbnet.models.scan.chunked import ChunkedScan
+
+__all__ = ["BACKEND_ENV", "ScanBackendError", "ScanBackendNameError", "available_backends",
+           "override_function", "resolve_backend", "selective_scan"]
+
+BACKEND_ENV = "CMDB_SCAN_BACKEND"
+_BACKENDS = ("auto", "torch", "mamba_ssm")
+class ScanBackendError(CmdbError, RuntimeError):
+    """The requested scan backend cannot run here; the user installs it or unsets the variable."""
+
+
+class ScanBackendNameError(CmdbError, ValueError):
+    """``CMDB_SCAN_BACKEND`` holds a name no backend answers to."""
+
+
+@functools.cache
+def _mamba_ssm_import() -> tuple[object | None, str]:
+    """``(selective_scan_fn or None, why not)``, cached so that a failed import costs once.
+
+    Released mamba_ssm imports its compiled ``selective_scan_cuda`` at import time, so a wheel
+    built against another CUDA or torch fails with OSError or anything else, not only
+    ImportError; each of them means "use ours".
+    """
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception as exc:  # noqa: BLE001 - see docstring
+        return None, f"{type(exc).__name__}: {exc}"
+    return selective_scan_fn, ""
+
+
+def _device_is_cuda(device: torch.device | str) -> bool:
+    """Whether the fused kernel can take tensors on ``device`` (a seam for tests without a GPU)."""
+    return torch.device(device).type == "cuda"
+
+
+def available_backends() -> tuple[str, ...]:
+    """Backends that import here; ``mamba_ssm`` still needs CUDA tensors to be chosen."""
+    return ("torch", "mamba_ssm") if _mamba_ssm_import()[0] is not None else ("torch",)
+
+
+def resolve_backend(device: torch.device | str) -> str:
+    """``"mamba_ssm"`` or ``"torch"`` for tensors on ``device``, honouring ``CMDB_SCAN_BACKEND``.
+
+    The variable is read at every call so that a run (or a test) can switch backends without
+    re-importing the model.
+    """
+    name = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if name not in _BACKENDS:
+        raise ScanBackendNameError(f"{BACKEND_ENV}={name!r} is not a scan backend; use one of "
+                                   f"{', '.join(_BACKENDS)}")
+    if name == "torch":
+        return "torch"
+    fn, why = _mamba_ssm_import()
+    if name == "auto":
+        return "mamba_ssm" if fn is not None and _device_is_cuda(device) else "torch"
+    if fn is None:
+        raise ScanBackendError(f"{BACKEND_ENV}=mamba_ssm but mamba_ssm cannot be imported ({why}); "
+                               f"install it with `pip install cmdbnet[cuda]` (needs a CUDA toolkit), "
+                               f"or set {BACKEND_ENV}=auto")
+    if not _device_is_cuda(device):
+        raise ScanBackendError(f"{BACKEND_ENV}=mamba_ssm needs CUDA tensors, got {device}; "
+                               f"set {BACKEND_ENV}=auto")
+    return "mamba_ssm"
+
+
+def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:  # noqa: N803
+    """Shape errors in the caller's terms, rather than from deep inside the chunk loop."""
+    (b, d, l), n = (u.shape if u.dim() == 3 else (0, 0, 0)), A.shape[-1]  # noqa: E741
+    want = {"u": (b, d, l), "delta": (b, d, l), "A": (d, n), "D": (d,), "z": (b, d, l), "delta_bias": (d,)}
+    for (name, shape), t in zip(want.items(), (u, delta, A, D, z, delta_bias)):
+        if t is not None and (tuple(t.shape) != shape or not b or t.is_complex()):
+            raise ValueError(f"selective_scan: {name} must be real with shape {shape} for u (B, D, L) and "
+                             f"A (D, N); got {tuple(t.shape)} {t.dtype}")
+    for name, t in (("B", B), ("C", C)):
+        g = t.shape[1] if t.dim() == 4 else 1
+        if tuple(t.shape) not in ((b, n, l), (b, g, n, l)) or d % g:
+            raise ValueError(f"selective_scan: {name} must be (B, N, L) = {(b, n, l)} or (B, G, N, L) with G "
+                             f"dividing D = {d}; got {tuple(t.shape)}")
+
+
+def _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, last):  # noqa: N803
+    # fp16/bf16 are upcast as mamba-ssm does (the decays underflow in half precision); fp64 stays,
+    # so gradcheck can run. The casts sit outside the Function: autograd then hands each
+    # gradient back in its input's dtype.
+    dtype = torch.promote_types(u.dtype, torch.float32)
+    B, C = (t.unsqueeze(1) if t.dim() == 3 else t for t in (B, C))
+    g = math.lcm(B.shape[1], C.shape[1])  # B and C in different groups (the CUDA kernel refuses it)
+    B, C = (t.repeat_interleave(g // t.shape[1], dim=1) if t.shape[1] != g else t for t in (B, C))
+    args = [t if t is None else t.to(dtype) for t in (u, delta, A, B, C, D, z, delta_bias)]
+    out, last_state = _scan_function().apply(*args, bool(delta_softplus))
+    return (out.to(u.dtype), last_state) if last else out.to(u.dtype)
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,  # noqa: N803
+                   delta_softplus=False, return_last_state=False):
+    """Drop-in for mamba_ssm's ``selective_scan_fn``; returns ``out`` or ``(out, last_state)``.
+
+    The backend is resolved per call (see :func:`resolve_backend`) so one model runs the fused
+    kernel on a GPU box and the torch scan on a laptop without a code change.
+    """
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    if resolve_backend(u.device) == "mamba_ssm":
+        return _mamba_ssm_import()[0](u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                      delta_softplus=delta_softplus, return_last_state=return_last_state)
+    return _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+_FUNCTION_OVERRIDE: list[type[torch.autograd.Function]] = []
+
+
+@contextlib.contextmanager
+def override_function(fn: type[torch.autograd.Function]):
+    """Run the torch backend's scans through ``fn`` (ChunkedScan's signature) inside the block.
+
+    The public seam for profiling, which traces memory with a stand-in that allocates what
+    ChunkedScan saves but skips its time loop.
+    """
+    _FUNCTION_OVERRIDE.append(fn)
+    try:
+        yield
+    finally:
+        _FUNCTION_OVERRIDE.remove(fn)
+
+
+def _scan_function() -> type[torch.autograd.Function]:
+    return _FUNCTION_OVERRIDE[-1] if _FUNCTION_OVERRIDE else ChunkedScan

@@ -1,0 +1,313 @@
+"""VRAM profiling: activation counting, the fake-CUDA estimate, the budget search, OOM back-off."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from typer.testing import CliRunner
+
+from cmdbnet.cli import app
+from cmdbnet.errors import CmdbError
+from cmdbnet.models import build_model, scan
+from cmdbnet.models.scan import selective_scan
+from cmdbnet.profiling import budget as fitmod
+from cmdbnet.profiling.budget import CONTEXT_RESERVE, MemoryConfig, estimate, fit_settings
+from cmdbnet.profiling.tracing import (
+    ActivationCounter,
+    cuda_autocast,
+    fake_cuda_copy,
+    gpu_kernels,
+    trace_forward,
+    trace_loss,
+)
+from cmdbnet.settings import load_settings
+
+GiB, MiB = 2**30, 2**20
+TINY_MODEL = {"backbone": "resnet18", "pretrained": "off", "mamba_depths": [1, 1, 1, 1],
+              "mamba_dims": [32, 64, 128, 256], "d_state": 4, "fusion_channels": 32}
+
+
+def tiny(**train) -> object:
+    return load_settings(None, {"model": TINY_MODEL, "data": {"crop": 128},
+                                "train": {"batch": 4, "accum": 4, "amp": True, **train}})
+
+
+def _param_keys(model: nn.Module) -> set[int]:
+    return {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
+
+
+def _conv_bn_relu() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+
+
+# Saved for backward, by hand, for a (2, 3, 16, 16) fp32 input: conv1 its input (6144 B); each BN its
+# input (16384 B) and batch mean and inverse std (32 B each); each ReLU its result (16384 B, the
+# second conv's input is the first ReLU's result). Weights and running stats are parameters/buffers.
+BY_HAND = 2 * 3 * 16 * 16 * 4 + 4 * 2 * 8 * 16 * 16 * 4 + 4 * 8 * 4
+
+
+def _saved_by_graph_walk(outputs, exclude: set[int]) -> int:
+    """Independent count: walk grad_fn and read every ``_saved_*`` attribute and custom ``saved_tensors``."""
+    seen, stack, storages = set(), [t.grad_fn for t in outputs], {}
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        values = [getattr(node, a) for a in dir(node) if a.startswith("_saved_")]
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            values += list(node.saved_tensors)
+        for v in values:
+            for t in v if isinstance(v, (list, tuple)) else [v]:
+                if isinstance(t, torch.Tensor) and not (t.dim() == 0 and t.dtype == torch.float64):
+                    s = t.untyped_storage()  # (0-dim float64: a Python number autograd wrapped; it stays on CPU)
+                    if s._cdata not in exclude:
+                        storages[s.data_ptr() or s._cdata] = s.nbytes()
+        stack.extend(n for n, _ in node.next_functions)
+    return sum(storages.values())
+
+
+def test_activations_of_a_conv_bn_relu_stack_match_hand_count_and_graph_walk():
+    torch.manual_seed(0)
+    net = _conv_bn_relu().train()
+    counter = ActivationCounter(_param_keys(net))
+    with counter.track(net):
+        y = net(torch.randn(2, 3, 16, 16))
+    counter.walk(y)
+    assert sum(counter.sizes()) == BY_HAND == 71808
+    assert _saved_by_graph_walk([y], _param_keys(net)) == BY_HAND
+
+    mode = FakeTensorMode()  # the same network traced on a fake CUDA device saves the same
+    fake = fake_cuda_copy(_conv_bn_relu(), mode)
+    with gpu_kernels(), mode:
+        counter = ActivationCounter(_param_keys(fake))
+        with counter.track(fake):
+            y = fake(torch.empty(2, 3, 16, 16, device="cuda"))
+        counter.walk(y)
+        assert y.device.type == "cuda"
+        assert sum(counter.sizes()) == BY_HAND
+
+
+def test_cuda_autocast_rules_differ_from_cpu_autocast():
+    """Why the estimate traces fake CUDA: CPU fp16 autocast keeps LayerNorm in fp16, CUDA's runs it in fp32."""
+    x = torch.randn(2, 8, 16)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert F.layer_norm(x.half(), (16,)).dtype == torch.float16
+    with FakeTensorMode(), cuda_autocast(torch.float16):
+        xc = torch.empty(2, 8, 16, device="cuda")
+        assert F.layer_norm(xc.half(), (16,)).dtype == torch.float32
+        assert F.linear(xc, torch.empty(4, 16, device="cuda")).dtype == torch.float16
+
+
+@pytest.mark.parametrize("b,d,l,n,g,dtype", [(2, 8, 50, 4, 4, torch.float32), (1, 16, 300, 1, 4, torch.float32),
+                                             (3, 8, 40, 2, 1, torch.float16)])
+def test_scan_stand_in_keeps_what_the_real_scan_keeps(b, d, l, n, g, dtype):  # noqa: E741
+    def run():
+        torch.manual_seed(0)
+        u, delta, z = (torch.randn(b, d, l, dtype=dtype, requires_grad=True) for _ in range(3))
+        A = -torch.rand(d, n, requires_grad=True)  # noqa: N806
+        B, C = (torch.randn(b, g, n, l, dtype=dtype, requires_grad=True) for _ in range(2))  # noqa: N806
+        D, bias = torch.rand(d, requires_grad=True), torch.rand(d, requires_grad=True)  # noqa: N806
+        counter = ActivationCounter({t.untyped_storage()._cdata for t in (u, delta, z, A, B, C, D, bias)})
+        with counter.track():
+            out = selective_scan(u, delta, A, B, C, D, z, bias, delta_softplus=True, return_last_state=True)
+        counter.walk(out)
+        return counter.by_reason()
+
+    real = run()
+    with gpu_kernels():
+        stand_in = run()
+    assert stand_in == real
+    # the chunk states live on ctx (or, when the last state is a view of them, as an output);
+    # at d_state <= 2 every state is kept too (b * l * d * n fp32)
+    kept = b * d * l * n * 4 if n <= scan.KEEP_ALL_MAX_N else 0
+    assert scan.state_bytes(b, d, l, n) + kept in (real.get("ctx attribute"),
+                                                   real["output"] - b * d * l * dtype.itemsize + kept)
+
+
+class _Census(TorchDispatchMode):
+    """Third method: every storage any op creates, alive or not at the end (no autograd involved)."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (list, tuple)) else [out]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                s = t.untyped_storage()
+                self.made.setdefault(s._cdata, (StorageWeakRef(s), s.nbytes()))
+        return out
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_counted_activations_are_all_that_stays_alive(checkpointing):
+    """On the real network (real scan, real checkpointing) the counter finds every storage alive after forward."""
+    torch.manual_seed(0)
+    net = build_model(load_settings(None, {"model": TINY_MODEL}).model).train()
+    net.set_checkpointing(checkpointing)
+    x = torch.randn(2, 3, 32, 32)
+    census = _Census()
+    with census:
+        out = net(x)
+    params = _param_keys(net)
+    alive = sum(n for k, (ref, n) in census.made.items() if not ref.expired() and k not in params)
+    del out
+
+    counter = ActivationCounter(params)
+    counter.add(x, "batch")
+    with counter.track(net):
+        out = net(x)
+    counter.walk(out)
+    reasons = counter.by_reason()
+    assert sum(counter.sizes()) == alive + x.untyped_storage().nbytes()
+    assert reasons["ctx attribute"] > 0  # the torch scan's chunk states: invisible to saved-tensor hooks
+    if checkpointing:
+        assert len(counter.regions) == 8  # four stages per branch; each keeps its input, saves nothing else
+        assert all(k in counter.held for r in counter.regions for k in r["inputs"])
+        assert all(sum(r["saved"].values()) > 0 for r in counter.regions)  # what recomputing it costs
+    else:  # what the hooks saw being saved is what the grad_fn graph says it saved
+        hooks_only = ActivationCounter(params)
+        with hooks_only.track(net):
+            out = net(x)
+        outputs = list(out["aux"]) + [out["seg"], out["boundary"]]
+        assert _saved_by_graph_walk(outputs, params) == sum(hooks_only.sizes()) == hooks_only.by_reason()["saved"]
+
+
+def test_batch_and_crop_extrapolation_matches_direct_traces():
+    s = tiny()
+    surface = fitmod._Surface(s, True, "fp16", False, 64)
+    for batch, crop in ((8, 64), (6, 96)):
+        fwd, signature = trace_forward(s, batch, crop, True)
+        loss = trace_loss(s, signature, crop, batch)
+        direct = fwd.linear + sum(scan.state_bytes(*sc) for sc in fwd.scans) + loss.linear
+        extrapolated = surface.at(batch, crop)["activations"]
+        assert extrapolated == pytest.approx(direct, rel=1e-3), (batch, crop)
+    assert len(surface.traces) == 3  # (2, 64), (4, 64) and (2, 128) served both
+
+
+@pytest.fixture(scope="module")
+def default_estimates():
+    s = load_settings()
+    return {name: estimate(MemoryConfig(4, 4, 256, amp, "fp16", ckpt).apply(s))
+            for name, amp, ckpt in (("recipe", True, False), ("fp32", False, False), ("ckpt", True, True))}
+
+
+def test_default_recipe_fits_a_6gb_card(default_estimates):
+    r = default_estimates["recipe"]
+    assert r.device == "estimate" and r.config == MemoryConfig(4, 4, 256, True, "fp16", False)
+    assert r.peak <= 4.5 * GiB
+    assert r.peak == sum(r.parts.values()) + sum(r.overheads.values())
+    assert r.weights == pytest.approx(4 * 32.65e6, rel=0.01)  # 32.65 M fp32 parameters
+    assert r.gradients <= r.weights and r.optimizer == 2 * r.gradients
+    assert r.fits(6 * GiB) and r.peak + CONTEXT_RESERVE <= 6 * GiB
+
+
+def test_amp_and_checkpointing_lower_the_estimate(default_estimates):
+    recipe, fp32, ckpt = (default_estimates[k] for k in ("recipe", "fp32", "ckpt"))
+    assert recipe.activations < 0.85 * fp32.activations and recipe.peak < fp32.peak
+    assert ckpt.activations < 0.6 * recipe.activations and ckpt.peak < recipe.peak
+    assert ckpt.overheads["backward_transient"] > recipe.overheads["backward_transient"]  # a stage is recomputed
+
+
+def test_fit_settings_keeps_the_effective_batch_and_fits():
+    s = tiny()
+    second = estimate(MemoryConfig(4, 4, 128, True, "fp16", False).apply(s))
+    first = estimate(MemoryConfig(8, 2, 128, True, "fp16", False).apply(s))
+    assert first.peak > second.peak
+    budget = second.peak + CONTEXT_RESERVE + 1
+    fitted, message = fit_settings(s, budget)
+    assert (fitted.train.batch, fitted.train.accum, fitted.data.crop) == (4, 4, 128)
+    assert fitted.train.amp and not fitted.model.checkpointing
+    assert estimate(fitted).fits(budget)
+    assert "batch 4 x accum 4" in message and "\n" not in message
+
+    fitted, _ = fit_settings(s, first.peak + CONTEXT_RESERVE)
+    assert fitted.train.batch * fitted.train.accum == 16 and fitted.train.batch == 8
+
+
+def test_fit_settings_says_what_the_smallest_peak_is_when_nothing_fits():
+    s = tiny(batch=2, accum=1)
+    with pytest.raises(CmdbError, match=r"no recipe fits .*smallest estimated peak is [\d.]+ MiB \(batch 1 x accum 2"):
+        fit_settings(s, CONTEXT_RESERVE + 8 * MiB)
+
+
+def test_cli_profile_vram_json_and_table(tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({"model": TINY_MODEL, "data": {"crop": 128}, "train": {"batch": 2, "accum": 2}}))
+    runner = CliRunner()
+    res = runner.invoke(app, ["profile-vram", "-c", str(cfg), "--device", "cpu", "--budget", "1GB", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["device"] == "estimate" and out["config"]["batch"] == 2 and out["config"]["crop"] == 128
+    assert set(out["parts"]) == {"weights", "gradients", "optimizer", "activations"}
+    assert out["peak_bytes"] == sum(out["parts"].values()) + sum(out["overheads"].values())
+    assert out["fits"] and all(f["peak_bytes"] + CONTEXT_RESERVE <= GiB for f in out["fits"])
+    assert all(f["config"]["effective_batch"] == 4 for f in out["fits"])
+    assert out["fits"][0]["config"]["crop"] == 128
+
+    res = runner.invoke(app, ["profile-vram", "-c", str(cfg), "--device", "cpu", "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["fits"] == []
+
+    res = runner.invoke(app, ["profile-vram", "-c", str(cfg), "--device", "cpu", "--no-amp", "--budget", "1GB"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.stdout.replace("│", " ").split())
+    assert "estimated for a CUDA run" in text and "fp32" in text and "Recipes that fit 1.00 GiB" in text
+    assert "| 1 | 4 x 1 | 128 | fp16 | no |" in " ".join(res.stdout.replace("│", " | ").split())
+
+
+def test_oom_back_off_halves_the_micro_batch_and_logs_it(prepared_potsdam, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cmdbnet.api import train
+
+    calls = []
+
+    def fault(step, micro_batch):
+        calls.append((step, micro_batch))
+        if step == 1 and micro_batch == 4 and not any(c == (1, 4) for c in calls[:-1]):
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    s = load_settings(None, {"data": {"prepared": prepared_potsdam, "crop": 64, "workers": 0},
+                             "model": TINY_MODEL,
+                             "train": {"out": tmp_path / "run", "batch": 4, "accum": 2, "max_steps": 3, "amp": False,
+                                       "device": "cpu", "warmup_steps": 1, "log_images": 0}})
+    result = train(s, progress=False, fault_hook=fault)
+    assert result.steps == 3
+    assert (result.micro_batch, result.accum) == (2, 4)
+    after = calls[calls.index((1, 4)) + 1:]
+    assert after[0] == (1, 2) and {mb for _, mb in after} == {2}  # step 1 redone with half the micro-batch
+    acc = EventAccumulator(str(tmp_path / "run" / "tb"))
+    acc.Reload()
+    events = acc.Scalars("memory/micro_batch")
+    assert [(e.step, e.value) for e in events] == [(1, 2.0)]
+    assert [e.value for e in acc.Scalars("memory/accum")] == [4.0]
+    assert math.isfinite(result.best_miou)
+
+
+def test_train_fit_vram_applies_the_fitted_recipe(prepared_potsdam, tmp_path):
+    from cmdbnet.api import resolve_fit_vram
+    from cmdbnet.training.loop import Trainer
+
+    s = load_settings(None, {"data": {"prepared": prepared_potsdam, "crop": 64, "workers": 0}, "model": TINY_MODEL,
+                             "train": {"out": tmp_path / "run", "batch": 4, "accum": 4, "device": "cpu"}})
+    half = estimate(MemoryConfig(2, 8, 64, True, "fp16", False).apply(s))
+    assert estimate(MemoryConfig(4, 4, 64, True, "fp16", False).apply(s)).peak > half.peak
+    s.train.fit_vram = f"{(half.peak + CONTEXT_RESERVE) / MiB + 0.5:.1f}MB"
+    with pytest.raises(CmdbError, match="resolved before the run starts"):
+        Trainer(s, progress=False)  # the loop never configures itself
+    resolved, note = resolve_fit_vram(s)
+    trainer = Trainer(resolved, progress=False, fit_note=note)
+    assert (trainer.micro_batch, trainer.accum) == (2, 8)
+    assert trainer.settings.train.amp and trainer.fit_note.startswith("--fit-vram")
