@@ -23,6 +23,8 @@ from typing import Any
 import torch
 
 from cmdbnet.errors import CmdbError
+from cmdbnet.models import build_model
+from cmdbnet.settings import settings_from_dict
 from cmdbnet.utils import atomic_path
 
 FORMAT = "cmdbnet-checkpoint"
@@ -83,9 +85,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     Returns ``(model, checkpoint)``; ``checkpoint["dataset"]`` holds classes, palette,
     bands and normalisation, so callers need nothing but the checkpoint.
     """
-    from cmdbnet.models import build_model
-    from cmdbnet.settings import settings_from_dict
-
     ckpt = load_checkpoint(path)
     settings = settings_from_dict(ckpt["settings"])
     model_settings = settings.model.model_copy(update={"pretrained": "off", "backbone_weights": None})

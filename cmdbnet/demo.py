@@ -23,6 +23,7 @@ from cmdbnet.data.synthetic import synth
 from cmdbnet.evaluation import evaluate
 from cmdbnet.inference.files import predict
 from cmdbnet.inference.preview import save_preview
+from cmdbnet.models import build_model
 from cmdbnet.runtime import pick_device, resolve_precision
 from cmdbnet.settings import PredictSettings, Settings, load_settings
 
@@ -42,8 +43,6 @@ def demo_settings(out: Path, device: str, max_steps: int, minutes: float) -> Set
 
 def _step_seconds(settings: Settings, device: torch.device) -> float:
     """Time two training steps of the demo network, to size its schedule to the time budget."""
-    from cmdbnet.models import build_model
-
     model_cfg = settings.model.model_copy(update={"num_classes": 6, "in_channels": 3})
     net = build_model(model_cfg).to(device).train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)

@@ -18,6 +18,7 @@ from cmdbnet.checkpoint import load_model
 from cmdbnet.data.loaders import eval_loader
 from cmdbnet.data.manifest import read_manifest
 from cmdbnet.errors import CmdbError
+from cmdbnet.inference.window import forward_tta
 from cmdbnet.metrics import SegmentationMetrics
 from cmdbnet.runtime import DistInfo, Precision, pick_device, resolve_precision
 from cmdbnet.settings import Settings, settings_from_dict
@@ -44,8 +45,6 @@ def score_loader(model: torch.nn.Module, loader, metrics: SegmentationMetrics, d
 
     Crops that DistributedSampler repeats to pad ranks are skipped, so each crop counts once.
     """
-    from cmdbnet.inference.window import forward_tta
-
     net = _unwrap(model)
     was_training = net.training
     net.eval()

@@ -60,7 +60,7 @@ def parse_bytes(text: str | int | float) -> int:
     s = str(text).strip().lower().replace(" ", "")
     units = {"tib": 2**40, "tb": 2**40, "t": 2**40, "gib": 2**30, "gb": 2**30, "g": 2**30,
              "mib": 2**20, "mb": 2**20, "m": 2**20, "kib": 2**10, "kb": 2**10, "k": 2**10, "b": 1}
-    for unit, factor in units.items():
+    for unit, factor in units.items():  # noqa: B007 - factor is read after the loop
         if s.endswith(unit):
             number = s[: -len(unit)]
             break

@@ -19,7 +19,9 @@ import torch
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
 from cmdbnet.data.manifest import read_manifest
+from cmdbnet.data.transforms import eval_transform
 from cmdbnet.errors import CmdbError
+from cmdbnet.settings import DataSettings
 
 __all__ = ["PreparedDataset", "read_manifest"]
 
@@ -66,9 +68,6 @@ class PreparedDataset(torch.utils.data.Dataset):
             raise CmdbError(f"split {split!r} has no crops in {self.root}; splits with crops: {have}")
         self.stems: list[str] = sorted(stems)
         if transform is None:
-            from cmdbnet.data.transforms import eval_transform
-            from cmdbnet.settings import DataSettings
-
             defaults = DataSettings()
             if len(defaults.mean) != int(self.manifest["band_count"]):
                 raise CmdbError(f"{self.root} holds {self.manifest['band_count']}-band crops: pass a transform "

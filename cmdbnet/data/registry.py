@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from cmdbnet.errors import CmdbError
+
 IGNORE_INDEX = 255
 
 ISPRS_CLASSES = ("impervious_surfaces", "building", "low_vegetation", "tree", "car", "clutter")
@@ -90,8 +92,6 @@ class DatasetSpec:
             if choice.name == wanted:
                 return choice
         names = ", ".join(b.name for b in self.bands)
-        from cmdbnet.errors import CmdbError
-
         raise CmdbError(f"{self.title} has no band choice {name!r}; choose one of: {names}")
 
     def excluded_indices(self) -> tuple[int, ...]:
@@ -198,6 +198,4 @@ def get_spec(name: str) -> DatasetSpec:
     try:
         return DATASETS[name.lower()]
     except KeyError:
-        from cmdbnet.errors import CmdbError
-
         raise CmdbError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}") from None

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from cmdbnet.data.raw import official_split
 from cmdbnet.data.registry import DatasetSpec, get_spec
 from cmdbnet.errors import CmdbError
 from cmdbnet.utils import atomic_path
@@ -275,8 +276,6 @@ class SynthScenes:
 
 def tile_plan(spec: DatasetSpec, n: int) -> list[tuple[str, str, str]]:
     """``(tile id, split, scene)`` of the first ``n`` synthetic tiles; order in the module doc."""
-    from cmdbnet.data.raw import official_split
-
     if spec.official_train:
         train = [t for t in spec.official_train if t not in spec.val_tiles]
         val, test = list(spec.val_tiles), list(spec.official_test)

@@ -248,7 +248,7 @@ def measure_cuda(settings: Settings, steps: int = 3) -> MemoryReport:
             batches = [{"image": torch.randn(c.batch, ms.in_channels, c.crop, c.crop, device=dev),
                         "label": torch.randint(0, ms.num_classes, (c.batch, c.crop, c.crop), device=dev)}
                        for _ in range(n)]
-            run_step_group(net, loss_fn, batches, [1 / n] * n, opt, scaler, precision, dev, t.grad_clip)
+            run_step_group(net, loss_fn, batches, [1 / n] * n, opt, scaler, precision, dev, t.grad_clip)  # noqa: F821 - bound above; ruff misreads the later del
 
         group()
         torch.cuda.synchronize(dev)
