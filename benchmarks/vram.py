@@ -1,4 +1,4 @@
-"""Estimated peak GPU memory of the training recipes SPEC.md names, and, on CUDA, the measured peak beside it.
+"""Estimated peak GPU memory of the design's training recipes, and, on CUDA, the measured peak beside it.
 
 Why both in one run: the estimate (cmdbnet/profiling/tracing.py) exists for machines without the
 GPU; it is only worth trusting as far as it matches a measurement on one. On a CUDA machine
@@ -26,7 +26,7 @@ from cmdbnet.profiling.budget import CONTEXT_RESERVE, MemoryConfig, estimate, me
 from cmdbnet.settings import load_settings  # noqa: E402
 from cmdbnet.utils import format_bytes  # noqa: E402
 
-RECIPES = [  # (name, batch, accum, crop, amp, checkpointing): SPEC.md's recipe and its levers
+RECIPES = [  # (name, batch, accum, crop, amp, checkpointing): the default recipe and its levers
     ("default recipe", 4, 4, 256, True, False),
     ("no AMP", 4, 4, 256, False, False),
     ("checkpointing", 4, 4, 256, True, True),

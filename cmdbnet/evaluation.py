@@ -20,6 +20,7 @@ from cmdbnet.data.manifest import read_manifest
 from cmdbnet.errors import CmdbError
 from cmdbnet.inference.window import forward_tta
 from cmdbnet.metrics import SegmentationMetrics
+from cmdbnet.progress import progress_bar
 from cmdbnet.runtime import DistInfo, Precision, pick_device, resolve_precision
 from cmdbnet.settings import Settings, settings_from_dict
 from cmdbnet.utils import write_text_atomic
@@ -119,10 +120,7 @@ def evaluate(checkpoint: str | Path, prepared: str | Path, split: str = "val", t
     metrics = make_metrics(list(info["classes"]), int(info["ignore_index"]), excluded, dev, boundary_dilation)
     precision = resolve_precision(amp, "fp16" if dev.type == "cuda" else "bf16", dev)
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn(f"evaluate {split}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  disable=not progress, transient=True) as bar:
+    with progress_bar(f"evaluate {split}", enabled=progress, transient=True) as bar:
         task = bar.add_task("crops", total=len(loader.dataset))
         scored = score_loader(model, loader, metrics, dev, precision, tta=tta,
                               on_batch=lambda n: bar.advance(task, n))

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cmdbnet.settings import TrainSettings
+
 __all__ = [
     "CMDBLoss",
     "SegLoss",
@@ -193,6 +195,12 @@ class CMDBLoss(nn.Module):
         self.boundary_weight = boundary_weight
         self.boundary_width = boundary_width
         self.boundary_pos_weight = boundary_pos_weight
+
+    @classmethod
+    def from_settings(cls, train: TrainSettings, num_classes: int, ignore_index: int | None) -> CMDBLoss:
+        """The loss a run's ``train`` settings describe; ``ignore_index`` comes from the dataset."""
+        return cls(num_classes, ignore_index, train.aux_weight, train.boundary_weight, train.boundary_width,
+                   train.dice_weight, train.class_weights)
 
     def forward(
         self, outputs: Mapping[str, object] | torch.Tensor, labels: torch.Tensor

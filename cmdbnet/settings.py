@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextvars
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -54,10 +54,14 @@ class DataSettings(_Section):
         return self
 
 
+Variant = Literal["full", "cnn_only", "mamba_only", "no_fusion", "no_boundary"]
+VARIANTS: tuple[str, ...] = get_args(Variant)  # the ablation variants, for help texts and checks
+
+
 class ModelSettings(_Section):
     """What network is built; stored in every checkpoint so predict can rebuild it."""
 
-    variant: Literal["full", "cnn_only", "mamba_only", "no_fusion", "no_boundary"] = "full"
+    variant: Variant = "full"
     backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet34"
     pretrained: Literal["auto", "required", "off"] = Field(
         "auto", description="ImageNet weights: auto = use if cached, else warn; required = error if missing")
@@ -92,7 +96,7 @@ class ModelSettings(_Section):
 
 
 class TrainSettings(_Section):
-    """How a run trains; the memory levers of SPEC.md are all here."""
+    """How a run trains; every memory lever (micro-batch, accumulation, AMP, checkpointing) is here."""
 
     out: Path = Field(Path("runs/cmdbnet"), description="run folder")
     batch: int = Field(4, ge=1, description="micro-batch per device")

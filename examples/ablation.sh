@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The ablation of SPEC.md: five configurations, same data, same schedule, same seed.
+# The design's ablation (README: Reproducing the ablation): five configurations, same data, same schedule, same seed.
 # Usage: examples/ablation.sh PREPARED_DIR [RUNS_DIR] [extra cmdb train flags...]
 #   examples/ablation.sh prepared/potsdam runs/ablation --epochs 100
 set -euo pipefail
@@ -7,7 +7,7 @@ data=${1:?usage: ablation.sh PREPARED_DIR [RUNS_DIR] [flags...]}
 runs=${2:-runs/ablation}
 shift $(( $# >= 2 ? 2 : 1 ))
 here=$(cd "$(dirname "$0")" && pwd)
-# SPEC.md row            -> variant
+# design row             -> variant
 #   CNN branch only      -> cnn_only
 #   Mamba branch only    -> mamba_only
 #   both, no fusion      -> no_fusion

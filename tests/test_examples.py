@@ -17,7 +17,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 @pytest.mark.parametrize("name", ["potsdam.yaml", "vaihingen.yaml", "loveda.yaml", "laptop-6gb.yaml"])
 def test_recipe_validates(name):
     s = load_settings(EXAMPLES / name)
-    assert s.train.batch * s.train.accum == 16  # the effective batch of SPEC.md's recipe
+    assert s.train.batch * s.train.accum == 16  # the effective batch of the default recipe
     if s.train.class_weights is not None:
         from cmdbnet.data.registry import get_spec
 

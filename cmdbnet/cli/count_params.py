@@ -1,4 +1,4 @@
-"""``cmdb count-params``: parameters and multiply-adds per module, beside SPEC.md's claims."""
+"""``cmdb count-params``: parameters and multiply-adds per module, beside the design budget."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from typing import Optional
 import typer
 
 from cmdbnet.cli.common import ConfigOption, JsonFlag, cli_errors, console, print_json, settings_from
-
-VARIANTS = ("full", "cnn_only", "mamba_only", "no_fusion", "no_boundary")
+from cmdbnet.settings import VARIANTS
 
 
 def _m(n: float) -> str:
@@ -37,7 +36,7 @@ def count_params(
     """
     from cmdbnet.errors import CmdbError
     from cmdbnet.models import build_model
-    from cmdbnet.profiling.complexity import LABELS, SPEC_CLAIMS, count_complexity
+    from cmdbnet.profiling.complexity import DESIGN_BUDGET, LABELS, count_complexity
 
     if variant is not None and variant not in VARIANTS:
         raise CmdbError(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)}")
@@ -54,17 +53,17 @@ def count_params(
 
     table = Table(title=f"cmdbnet {report['variant']}: parameters and multiply-adds at "
                         f"{report['crop']} x {report['crop']} (inference)")
-    for col in ("module", "params", "MACs", "SPEC params", "SPEC MACs"):
+    for col in ("module", "params", "MACs", "design params", "design MACs"):
         table.add_column(col, justify="left" if col == "module" else "right")
     rows = list(report["modules"].items()) + [("total", report["total"])]
     for name, row in rows:
-        claim = SPEC_CLAIMS.get(name)
+        claim = DESIGN_BUDGET.get(name)
         spec = (_m(claim[0]), _g(claim[1])) if claim and report["crop"] == 256 else ("-", "-")
         table.add_row(LABELS[name], _m(row["params"]), _g(row["macs"]), *spec, end_section=name == "heads")
     console.print(table)
     console.print("MACs = FLOPs / 2 of convolutions, matmuls and attention (FlopCounterMode) plus the selective "
                   "scan (scan_macs); auxiliary heads count parameters only (they run in training). "
-                  "SPEC's CNN figure is ResNet34 at 224 x 224; see cmdbnet/profiling/complexity.py.", style="dim")
+                  "The design's CNN figure is ResNet34 at 224 x 224 (README: Parameter budget).", style="dim")
 
 
 def register(app: typer.Typer) -> None:

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from cmdbnet.cli.common import ConfigOption, JsonFlag, cli_errors, console, err_console, print_json, settings_from
-from cmdbnet.cli.train import VARIANTS
+from cmdbnet.settings import VARIANTS
 from cmdbnet.utils import format_bytes, parse_bytes
 
 _LABELS = {"weights": "weights (fp32)", "gradients": "gradients (fp32)",
@@ -63,7 +63,7 @@ def profile_vram_cmd(
     amp_dtype: Optional[str] = typer.Option(None, "--amp-dtype", help="fp16 or bf16 (default fp16)."),
     checkpointing: Optional[bool] = typer.Option(None, "--checkpointing/--no-checkpointing",
                                                  help="Gradient checkpointing of stages (default off)."),
-    variant: Optional[str] = typer.Option(None, "--variant", help=f"Ablation variant: {VARIANTS}."),
+    variant: Optional[str] = typer.Option(None, "--variant", help=f"Ablation variant: {', '.join(VARIANTS)}."),
     budget: Optional[str] = typer.Option(None, "--budget", help="GPU memory, e.g. 6GB: list the recipes that fit."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA if present), cpu (estimate) or cuda (measure)."),
     show_all: bool = typer.Option(False, "--all",

@@ -11,8 +11,7 @@ import typer
 from rich.table import Table
 
 from cmdbnet.cli.common import ConfigOption, JsonFlag, cli_errors, console, err_console, print_json, settings_from
-
-VARIANTS = "full, cnn_only, mamba_only, no_fusion, no_boundary"
+from cmdbnet.settings import VARIANTS
 
 
 def _fmt(x: float, pct: bool = True) -> str:
@@ -54,7 +53,7 @@ def train_cmd(
     crop: Optional[int] = typer.Option(None, "--crop", help="Training crop size."),
     checkpointing: Optional[bool] = typer.Option(None, "--checkpointing/--no-checkpointing",
                                                  help="Gradient checkpointing of stages (~30% less memory)."),
-    variant: Optional[str] = typer.Option(None, "--variant", help=f"Ablation variant: {VARIANTS}."),
+    variant: Optional[str] = typer.Option(None, "--variant", help=f"Ablation variant: {', '.join(VARIANTS)}."),
     epochs: Optional[int] = typer.Option(None, "--epochs"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (overrides --epochs)."),
     val_interval: Optional[int] = typer.Option(None, "--val-interval", help="Validate every K epochs."),

@@ -43,6 +43,7 @@ from cmdbnet.data.manifest import (
 from cmdbnet.data.raw import UNKNOWN, LabelDecoder, RasterInfo, RawTile, check_tile, find_tiles, open_raster, read_rows
 from cmdbnet.data.registry import get_spec
 from cmdbnet.errors import CmdbError
+from cmdbnet.progress import progress_bar
 from cmdbnet.utils import atomic_path
 
 EDGE_RULE = "last crop of a row/column shifted back to end at the tile edge (overlaps its neighbour)"
@@ -216,13 +217,9 @@ class _Assembler:
 
 def _run_jobs(jobs: list[TileJob], workers: int, progress: bool, add: Callable[[TileJob, dict], None]) -> None:
     """Cut in this process (workers 0) or a process pool; stop at the first error."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     total = sum(len(j.rows) * len(axis_starts(j.info.width, j.crop, j.stride)) for j in jobs)
     show = progress and sys.stderr.isatty() and total > 0
-    bar = Progress(TextColumn("[bold]prepare[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("crops"),
-                   TimeRemainingColumn(), console=Console(stderr=True), disable=not show)
+    bar = progress_bar("[bold]prepare[/]", "crops", enabled=show)
     with bar:
         task = bar.add_task("crops", total=total)
         if workers <= 0 or len(jobs) <= 1:

@@ -9,7 +9,7 @@ Layouts, tried in this order:
 
 * ``split-folders``: split first, as LoveDA ships (``Train|Val/{Urban,Rural}/{images_png,
   masks_png}``) or pre-split (``{train,val}/{images,labels}``); splits from folder names.
-* ``presplit``: band folder first, as SPEC.md describes (``RGB/{train,val,test}`` and
+* ``presplit``: band folder first, the layout of the datasets' mirrors (``RGB/{train,val,test}`` and
   ``Label/{train,val,test}``); splits from folder names.
 * ``download``: flat folders of tiles as the ISPRS download (``2_Ortho_RGB/`` and
   ``5_Labels_all/``, ``top/`` and ``gts_for_participants/``; the root itself is accepted

@@ -5,7 +5,7 @@ every new dataset means hunting those branches. Here a dataset is a :class:`Data
 value; readers, the trainer, the metrics and the synthetic generator only read its fields.
 Adding a dataset means adding one spec below.
 
-Splits. Papers disagree (see FIELD-NOTES.md); cmdbnet writes three prepared splits from a
+Splits. Papers disagree; cmdbnet writes three prepared splits from a
 download layout and says which it used in the manifest:
 
 * ``train``: the official training tiles minus the validation tiles below,
@@ -55,7 +55,7 @@ class DatasetSpec:
     # Regular expression over image file names; group ``id`` is the tile id, group ``tag``
     # (optional) the band tag. Labels are found from the id by the templates below.
     # Folder-name tuples (here and in BandChoice) list the official download's name first
-    # (synthetic scenes write that one), then the names of the pre-split layout of SPEC.md.
+    # (synthetic scenes write that one), then the names of the pre-split layout.
     image_pattern: str
     image_template: str  # how an image is named: "{id}" the tile id, "{tag}" the band tag
     label_templates: tuple[str, ...]  # full labels, "{id}" replaced by the tile id

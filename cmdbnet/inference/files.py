@@ -29,6 +29,7 @@ import rasterio
 import torch
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
+from rich.progress import TimeElapsedColumn
 
 from cmdbnet.checkpoint import load_model, resolve_checkpoint
 from cmdbnet.errors import CmdbError
@@ -43,6 +44,7 @@ from cmdbnet.inference.rasters import (
     quiet_georef,
 )
 from cmdbnet.inference.window import Strip, StripPredictor, forward_tta, predict_array
+from cmdbnet.progress import progress_bar
 from cmdbnet.runtime import pick_device
 from cmdbnet.settings import PredictSettings
 from cmdbnet.utils import atomic_path
@@ -100,19 +102,7 @@ class _Progress:
     def __init__(self, enabled: bool, total: int):
         self.bar = None
         if enabled and total:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("windows  {task.fields[rate]}"), TimeElapsedColumn(),
-                                TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+            self.bar = progress_bar("{task.description}", "windows  {task.fields[rate]}", TimeElapsedColumn())
             self.task = self.bar.add_task("predict", total=total, rate="")
 
     def __enter__(self) -> _Progress:

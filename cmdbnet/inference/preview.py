@@ -11,15 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from cmdbnet.palette import colorize
 from cmdbnet.utils import atomic_path
-
-
-def colorize(index: np.ndarray, palette: Sequence[Sequence[int]], ignore_index: int = 255) -> np.ndarray:
-    """(H, W) class indices -> (H, W, 3) uint8; ignored/nodata pixels black."""
-    lut = np.zeros((256, 3), dtype=np.uint8)
-    lut[: len(palette)] = np.asarray(palette, dtype=np.uint8)
-    lut[ignore_index] = 0
-    return lut[index.astype(np.uint8)]
 
 
 def to_rgb8(image: np.ndarray) -> np.ndarray:

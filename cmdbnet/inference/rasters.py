@@ -32,6 +32,7 @@ from rasterio.enums import ColorInterp, MaskFlags
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
 from cmdbnet.errors import CmdbError
+from cmdbnet.palette import palette_lut
 from cmdbnet.settings import PredictSettings
 
 NODATA_INDEX = 255
@@ -252,13 +253,9 @@ class ProductWriter:
     def __init__(self, src, info: InputInfo, meta: ModelMeta, tmp_paths: dict[str, Path],
                  tags: dict[str, str]):
         self.meta, self.info, self.dst = meta, info, {}
-        k = len(meta.classes)
         classes = json.dumps(list(meta.classes))
         common_tags = {**tags, "classes": classes, "dataset": meta.name}
-        lut = np.zeros((256, 4), np.uint8)
-        lut[:k, :3] = meta.palette
-        lut[:k, 3] = 255
-        self.lut = lut
+        self.lut = palette_lut(meta.palette, None, alpha=True)
         self.paths = tmp_paths
         try:
             self._open_all(src, info, tmp_paths, common_tags)

@@ -9,7 +9,7 @@ A variant only decides which parts exist; the parts themselves never look at the
     cnn_only     yes  -      SingleBranchNeck       -
     mamba_only   -    yes    SingleBranchNeck       -
 
-This is SPEC.md's ablation ladder (CNN only, Mamba only, both without fusion, both with
+This is the design's ablation ladder (CNN only, Mamba only, both without fusion, both with
 fusion, full with boundary refinement): boundary refinement appears only in ``full``.
 """
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from cmdbnet.data.registry import IGNORE_INDEX
 from cmdbnet.errors import CmdbError
 from cmdbnet.losses import CMDBLoss
 from cmdbnet.models import build_model, scan
@@ -237,8 +238,7 @@ def measure_cuda(settings: Settings, steps: int = 3) -> MemoryReport:
         net = build_model(ms.model_copy(update={"pretrained": "off", "backbone_weights": None})).to(dev).train()
         weights = torch.cuda.memory_allocated(dev) - base
         grads = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
-        loss_fn = CMDBLoss(ms.num_classes, 255, t.aux_weight, t.boundary_weight, t.boundary_width, t.dice_weight,
-                           t.class_weights).to(dev)
+        loss_fn = CMDBLoss.from_settings(t, ms.num_classes, IGNORE_INDEX).to(dev)
         opt = build_optimizer(net, t)
         precision = resolve_precision(c.amp, c.amp_dtype, dev)
         scaler = torch.amp.GradScaler("cuda") if precision.needs_scaler else None

@@ -1,47 +1,12 @@
-"""Parameters and multiply-adds per module, as in SPEC.md's budget table.
+"""Parameters and multiply-adds per module, beside the design's budget for each.
 
-How it counts: one eval-mode forward of a (1, C, crop, crop) input under
-``torch.utils.flop_counter.FlopCounterMode``, whose per-module breakdown attributes every
-convolution, matmul and attention to the top-level module it runs in (MACs = FLOPs / 2).
-Normalisation, activations, pooling and interpolation are not counted, as in fvcore/thop and
-the figures papers quote. A FLOP counter cannot see the selective scan (a custom autograd
-function of elementwise ops), so whatever it counted inside a scan call is dropped and
-``scan_macs`` of that call's shapes is added instead. Inference cost: auxiliary heads do not
-run in eval mode, so they add parameters but no MACs. Backward is not counted.
-
-Measured for the defaults (ResNet34, Mamba dims [64, 128, 256, 512], depths [2, 2, 4, 2],
-d_state 1, ssm_expand 0.5, mlp_ratio 2.5, fusion 256) at 256 x 256, against SPEC.md's table
-(``cmdb count-params``):
-
-    module                params   SPEC     MACs     SPEC
-    CNN branch            21.28 M  21.3 M   4.78 G   3.6 G
-    Mamba branch           5.94 M   8.5 M   1.26 G   2.1 G
-    fusion                 4.84 M   3.2 M   0.66 G   0.8 G
-    boundary refinement    0.04 M   1.8 M   0.15 G   0.4 G
-    heads                  0.30 M   -       0.01 G   -
-    total                 32.40 M  34.8 M   6.86 G   6.9 G
-
-Why they differ:
-
-- CNN branch: 3.6 G is ResNet34's well-known count at 224 x 224; at 256 x 256 the same
-  convolutions cost (256/224)^2 = 1.31 times more, 4.78 G (the classifier, which the branch
-  drops, is the missing 0.5 M of torchvision's 21.8 M). SPEC's total of 6.9 G therefore
-  cannot hold with a ResNet34 at 256 unless the rest shrinks by about 1.2 G against its
-  table, which is what the defaults do.
-- Mamba branch: with SPEC's dims and depths the cost per block is set by the scan width and
-  the MLP. VMamba's MLP ratio 4 alone would make the branch about 9 M / 1.9 G and the total
-  over 7 G. The defaults narrow the scan (expand 0.5, d_state 1: the scan itself is 0.02 G,
-  and it is what a CPU step waits on) and keep an MLP of ratio 2.5; most of the branch's
-  parameters sit in stage 4, where they cost few MACs.
-- Fusion: more parameters than SPEC because the pyramid pooling's 3x3 bottleneck runs at
-  1/32 (2.4 M parameters for 0.15 G), where parameters are cheap in MACs; fewer MACs because
-  everything at 1/4 scale is 1x1 or depthwise and attention reads 64 pooled tokens.
-- Boundary refinement: depthwise-separable at 1/4 scale on at most 96 channels; a dense 3x3
-  conv on the 256-channel fused map alone would cost 2.4 G, so SPEC's 1.8 M could not have
-  been spent at that scale within its own 0.4 G.
-- Heads: SPEC's table has no row for them (its modules add up to its total); ours are the
-  1x1 classifier plus two auxiliary heads used only in training (0.29 M, no inference MACs).
-- Total: 32.4 M is 7% under SPEC's 34.8 M (the brief allows 10%), 6.86 G just under its 6.9 G.
+One eval-mode forward of a (1, C, crop, crop) input under ``FlopCounterMode`` attributes every
+convolution, matmul and attention to its top-level module (MACs = FLOPs / 2); normalisation,
+activations, pooling and interpolation are not counted, as in fvcore/thop and the figures
+papers quote. The counter cannot see inside the selective scan, so ``scan_macs`` of each
+call's shapes replaces whatever it counted there. Auxiliary heads do not run in eval mode:
+they add parameters but no MACs. Backward is not counted. README ("Parameter budget") says
+where the design's figures come from and why ours differ.
 """
 
 from __future__ import annotations
@@ -56,15 +21,15 @@ from cmdbnet.errors import CmdbError
 from cmdbnet.models.scan import scan_macs
 from cmdbnet.models.vss import SelectiveScan
 
-__all__ = ["MODULES", "SPEC_CLAIMS", "count_complexity"]
+__all__ = ["DESIGN_BUDGET", "MODULES", "count_complexity"]
 
 # Report name -> attribute of the network (absent modules are None there and count zero).
 MODULES = {"cnn_branch": "cnn", "mamba_branch": "mamba", "fusion": "fusion",
            "boundary_refinement": "boundary", "heads": "heads"}
 LABELS = {"cnn_branch": "CNN branch", "mamba_branch": "Mamba branch", "fusion": "fusion",
           "boundary_refinement": "boundary refinement", "heads": "heads", "total": "total"}
-# SPEC.md's table at 256 x 256: (params, multiply-adds). It has no row for heads.
-SPEC_CLAIMS = {"cnn_branch": (21.3e6, 3.6e9), "mamba_branch": (8.5e6, 2.1e9), "fusion": (3.2e6, 0.8e9),
+# The design's budget at 256 x 256: (params, multiply-adds); it has no row for heads.
+DESIGN_BUDGET = {"cnn_branch": (21.3e6, 3.6e9), "mamba_branch": (8.5e6, 2.1e9), "fusion": (3.2e6, 0.8e9),
                "boundary_refinement": (1.8e6, 0.4e9), "heads": None, "total": (34.8e6, 6.9e9)}
 
 

@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cmdbnet.data.registry import IGNORE_INDEX
 from cmdbnet.losses import CMDBLoss
 from cmdbnet.models import build_model, scan
 from cmdbnet.settings import ModelSettings, Settings, TrainSettings
@@ -339,8 +340,7 @@ def _loss_trace(loss_json: str, num_classes: int, signature: tuple, crop: int, b
         x = torch.zeros((batch, *shape), dtype=dtype, requires_grad=True)
         out[key] = [*out[key], x] if key == "aux" else x
     labels = torch.randint(0, num_classes, (batch, crop, crop), generator=torch.Generator().manual_seed(0))
-    loss_fn = CMDBLoss(num_classes, 255, t.aux_weight, t.boundary_weight, t.boundary_width, t.dice_weight,
-                       t.class_weights)
+    loss_fn = CMDBLoss.from_settings(t, num_classes, IGNORE_INDEX)
     counter = ActivationCounter(exclude={_storage(x)[0] for x in _tensors(out)})  # counted as outputs
     counter.add(labels, "batch")
     with counter.track():

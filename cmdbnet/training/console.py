@@ -6,7 +6,9 @@ Kept apart from the loop so the loop stays readable and tests can switch it off.
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
+
+from cmdbnet.progress import progress_bar
 
 
 class TrainUI:
@@ -20,11 +22,10 @@ class TrainUI:
         if not self.enabled:
             return
         self.console.print(f"[bold]train[/]: {description}")
-        self.progress = Progress(
-            TextColumn("ep {task.fields[epoch]}"), BarColumn(bar_width=16), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]} ({task.fields[main]}/{task.fields[aux]}/{task.fields[bnd]} "
-                       "main/aux/bnd) lr {task.fields[lr]} {task.fields[ips]} img/s {task.fields[mem]}"),
-            TimeRemainingColumn(), console=self.console, transient=False)
+        self.progress = progress_bar(
+            "ep {task.fields[epoch]}", "loss {task.fields[loss]} ({task.fields[main]}/{task.fields[aux]}/"
+            "{task.fields[bnd]} main/aux/bnd) lr {task.fields[lr]} {task.fields[ips]} img/s {task.fields[mem]}",
+            bar_width=16, console=self.console)
         self.progress.start()
         self.task = self.progress.add_task("train", total=total, completed=done, epoch=1, loss="-", main="-",
                                            aux="-", bnd="-", lr="-", ips="-", mem="")

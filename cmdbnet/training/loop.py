@@ -86,9 +86,8 @@ class Trainer:
         self.net = net
         self.model = net if not self.dist.enabled else torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.loss_fn = CMDBLoss(settings.model.num_classes, self.info["ignore_index"], self.cfg.aux_weight,
-                                self.cfg.boundary_weight, self.cfg.boundary_width, self.cfg.dice_weight,
-                                self.cfg.class_weights).to(self.device)
+        self.loss_fn = CMDBLoss.from_settings(self.cfg, settings.model.num_classes,
+                                              self.info["ignore_index"]).to(self.device)
         self.optimizer = build_optimizer(net, self.cfg)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.needs_scaler else None
         self.val_loader = eval_loader(settings, "val", self.dist, self.device)

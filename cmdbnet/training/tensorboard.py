@@ -8,12 +8,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from cmdbnet.palette import palette_lut
+
 
 def _palette_image(index: torch.Tensor, palette: list[list[int]], ignore_index: int) -> torch.Tensor:
     """(H, W) class indices -> (3, H, W) uint8 colours; ignored pixels black."""
-    lut = torch.zeros(256, 3, dtype=torch.uint8)
-    lut[: len(palette)] = torch.tensor(palette, dtype=torch.uint8)
-    lut[ignore_index] = 0
+    lut = torch.from_numpy(palette_lut(palette, ignore_index))
     return lut[index.clamp(0, 255).long()].permute(2, 0, 1)
 
 

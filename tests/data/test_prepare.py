@@ -156,7 +156,7 @@ def test_loveda_presplit_layout_gives_the_same_crops(synth_loveda_raw, tmp_path)
 def test_isprs_presplit_layout_keeps_its_folders(synth_potsdam_raw, tmp_path):
     raw = tmp_path / "raw"
     for tile in synth_potsdam_raw.tiles[:3]:
-        split = "val" if tile.split == "test" else tile.split  # SPEC.md layout: train/val only
+        split = "val" if tile.split == "test" else tile.split  # pre-split layout: train/val only
         for src, folder in ((tile.images["rgb"], "RGB"), (tile.label, "Label")):
             (raw / folder / split).mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, raw / folder / split / src.name)

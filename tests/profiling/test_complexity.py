@@ -73,7 +73,7 @@ def test_cnn_only_has_no_mamba_and_counts_resnet18():
 
 
 def test_default_network_meets_the_budget():
-    """SPEC.md: 34.8 M parameters (within 10%), and at most 7.0 G multiply-adds at 256 x 256."""
+    """The design budget: 34.8 M parameters (within 10%), and at most 7.0 G multiply-adds at 256 x 256."""
     torch.manual_seed(0)
     report = count_complexity(build_model(ModelSettings(pretrained="off")), crop=256)
     params, macs = report["total"]["params"], report["total"]["macs"]
