@@ -22,7 +22,7 @@ from cmdbnet.inference.window import forward_tta
 from cmdbnet.metrics import SegmentationMetrics
 from cmdbnet.progress import progress_bar
 from cmdbnet.runtime import DistInfo, Precision, pick_device, resolve_precision
-from cmdbnet.settings import Settings, settings_from_dict
+from cmdbnet.settings import Settings
 from cmdbnet.utils import write_text_atomic
 
 
@@ -108,7 +108,7 @@ def evaluate(checkpoint: str | Path, prepared: str | Path, split: str = "val", t
     if int(manifest.get("band_count", info["band_count"])) != int(info["band_count"]):
         raise CmdbError(f"{prepared} has {manifest.get('band_count')} bands; the checkpoint expects "
                         f"{info['band_count']}")
-    saved: Settings = ckpt.get("settings_obj") or settings_from_dict(ckpt["settings"])
+    saved: Settings = ckpt["settings_obj"]
     overrides: dict[str, Any] = {"prepared": Path(prepared), "mean": info["mean"], "std": info["std"]}
     if workers is not None:
         overrides["workers"] = workers

@@ -21,9 +21,11 @@ app = typer.Typer(
 
 _COMMAND_MODULES = (
     "config",
+    "synth",
     "prepare",
-    "predict",
     "train",
+    "evaluate",
+    "predict",
     "demo",
     "profile_vram",
     "count_params",

@@ -14,7 +14,7 @@ config_app = typer.Typer(help="Inspect settings.", no_args_is_help=True)
 
 @config_app.command("show")
 @cli_errors
-def show(config: Optional[Path] = ConfigOption, as_json: bool = JsonFlag) -> None:
+def config_show_command(config: Optional[Path] = ConfigOption, as_json: bool = JsonFlag) -> None:
     """Print the effective settings (defaults < --config file < CMDB_* environment).
 
     Examples:

@@ -20,7 +20,7 @@ def _g(n: float) -> str:
 
 
 @cli_errors
-def count_params(
+def count_params_command(
     config: Optional[Path] = ConfigOption,
     crop: Optional[int] = typer.Option(None, "--crop", help="Square input size in pixels [default: data.crop, 256]."),
     variant: Optional[str] = typer.Option(None, "--variant", help=f"Ablation variant: {', '.join(VARIANTS)}."),
@@ -67,4 +67,4 @@ def count_params(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("count-params")(count_params)
+    app.command("count-params")(count_params_command)

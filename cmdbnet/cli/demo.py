@@ -7,10 +7,10 @@ from pathlib import Path
 import typer
 
 from cmdbnet.cli.common import JsonFlag, cli_errors, console, err_console, print_json
-from cmdbnet.cli.train import metrics_table, protocol_line
+from cmdbnet.cli.tables import metrics_table, protocol_line
 
 
-def demo_cmd(
+def demo_command(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Folder for everything the demo writes."),
     minutes: float = typer.Option(5.0, "--minutes", "-m", min=0.5, help="Time budget for the whole demo."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
@@ -49,4 +49,4 @@ def demo_cmd(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("demo")(cli_errors(demo_cmd))
+    app.command("demo")(cli_errors(demo_command))

@@ -19,7 +19,7 @@ def summary_line(s: dict) -> str:
             f"strip buffer {format_bytes(s['accumulator_bytes'])}) -> {outs}")
 
 
-def predict_cmd(
+def predict_command(
     inputs: list[str] = typer.Argument(..., metavar="INPUT...",
                                        help="Raster files, folders or glob patterns (GeoTIFF, PNG, JPEG, ...)."),
     out: Path = typer.Option(..., "--out", "-o",
@@ -73,4 +73,4 @@ def predict_cmd(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("predict")(cli_errors(predict_cmd))
+    app.command("predict")(cli_errors(predict_command))

@@ -54,7 +54,7 @@ def fits_table(fits, budget: int, reserve: int, show_all: bool) -> tuple[Table, 
     return table, len(fits) - shown
 
 
-def profile_vram_cmd(
+def profile_vram_command(
     config: Optional[Path] = ConfigOption,
     batch: Optional[int] = typer.Option(None, "--batch", "-b", help="Micro-batch per device (default 4)."),
     accum: Optional[int] = typer.Option(None, "--accum", help="Gradient accumulation steps (default 4)."),
@@ -129,4 +129,4 @@ def profile_vram_cmd(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("profile-vram")(cli_errors(profile_vram_cmd))
+    app.command("profile-vram")(cli_errors(profile_vram_command))

@@ -1,48 +1,19 @@
-"""``cmdb train`` and ``cmdb evaluate``: parse flags, call the engine, print tables."""
+"""``cmdb train``: parse flags, train, print the validation table."""
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
-from cmdbnet.cli.common import ConfigOption, JsonFlag, cli_errors, console, err_console, print_json, settings_from
+from cmdbnet.cli.common import ConfigOption, JsonFlag, cli_errors, console, print_json, settings_from
+from cmdbnet.cli.tables import fmt, metrics_table
 from cmdbnet.settings import VARIANTS
 
 
-def _fmt(x: float, pct: bool = True) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return f"{100 * x:.2f}" if pct else f"{x:.2f}"
-
-
-def metrics_table(result: dict, title: str) -> Table:
-    """Per-class IoU / F1 / Boundary IoU and the means, in percent, as papers print them."""
-    table = Table(title=title)
-    for col in ("class", "IoU", "F1", "Boundary IoU"):
-        table.add_column(col, justify="right" if col != "class" else "left")
-    excluded = set(result.get("protocol", {}).get("excluded_from_means", []))
-    for name, v in result["per_class"].items():
-        label = f"{name} (not in means)" if name in excluded else name
-        table.add_row(label, _fmt(v["iou"]), _fmt(v["f1"]), _fmt(v["boundary_iou"]))
-    table.add_section()
-    table.add_row("[bold]mean[/]", _fmt(result["mIoU"]), _fmt(result["mF1"]), _fmt(result["boundary_iou"]))
-    table.caption = (f"OA {_fmt(result['OA'])} | boundary distance (ASSD) {_fmt(result['boundary_distance'], False)} px")
-    return table
-
-
-def protocol_line(p: dict) -> str:
-    inc = ", ".join(p.get("included_in_means", []))
-    return (f"protocol: dataset {p.get('dataset')} split {p.get('split')} | means over: {inc} | "
-            f"labels {'eroded' if p.get('eroded_labels') else 'full'} | OA over all classes | "
-            f"boundary {p.get('boundary_dilation')} | TTA {p.get('tta', 'none')}")
-
-
-def train_cmd(
+def train_command(
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Prepared folder (from cmdb prepare)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder for checkpoints, TensorBoard, settings."),
     config: Optional[Path] = ConfigOption,
@@ -103,40 +74,9 @@ def train_cmd(
         return
     if m:
         console.print(metrics_table({**m, "protocol": {}}, f"validation after {result.steps} steps"))
-    console.print(f"best val mIoU {_fmt(result.best_miou)} | checkpoints {result.run_dir}/best.pt, last.pt | "
+    console.print(f"best val mIoU {fmt(result.best_miou)} | checkpoints {result.run_dir}/best.pt, last.pt | "
                   f"TensorBoard: tensorboard --logdir {result.run_dir / 'tb'}")
 
 
-def evaluate_cmd(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint file or run folder (best.pt is used)."),
-    data: Path = typer.Option(..., "--data", "-d", help="Prepared folder (from cmdb prepare)."),
-    split: str = typer.Option("val", "--split", help="Prepared split: val, or test for paper numbers."),
-    tta: bool = typer.Option(False, "--tta", help="Test-time augmentation (flips and rotations, d4)."),
-    ignore_clutter: bool = typer.Option(False, "--ignore-clutter", help="Means over the five ISPRS classes without clutter (as most papers report)."),
-    device: str = typer.Option("auto", "--device"),
-    batch: Optional[int] = typer.Option(None, "--batch"),
-    workers: Optional[int] = typer.Option(None, "--workers"),
-    json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON to this file."),
-) -> None:
-    """Score a checkpoint on a prepared split: per-class table, means and the protocol used.
-
-    Examples:
-
-      cmdb evaluate runs/potsdam --data prepared/potsdam --split test --ignore-clutter
-
-      cmdb evaluate runs/potsdam/best.pt --data prepared/potsdam --tta --json scores.json
-    """
-    from cmdbnet.evaluation import evaluate
-
-    result = evaluate(checkpoint, data, split=split, tta="d4" if tta else "none", ignore_clutter=ignore_clutter,
-                      device=device, batch=batch, workers=workers, json_out=json_file,
-                      progress=err_console.is_terminal)
-    console.print(metrics_table(result, f"{Path(checkpoint)} on {split}"))
-    console.print(protocol_line(result["protocol"]))
-    if json_file:
-        console.print(f"wrote {json_file}")
-
-
 def register(app: typer.Typer) -> None:
-    app.command("train")(cli_errors(train_cmd))
-    app.command("evaluate")(cli_errors(evaluate_cmd))
+    app.command("train")(cli_errors(train_command))

@@ -77,12 +77,6 @@ def load_predictor_model(checkpoint: str | os.PathLike, device: torch.device):
                         f"names {len(meta.classes)}")
     return model, ckpt, meta, bnd is not None
 
-def _file_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def gdal_options() -> dict[str, Any]:
     """GDAL's block cache defaults to 5% of RAM; strips need a few rows of blocks, so cap it.
 
@@ -169,8 +163,6 @@ def _predict_file(predictor: StripPredictor, info, plan: dict[str, Path], meta: 
         stack.enter_context(rasterio.Env(**gdal_options()))
         src = stack.enter_context(open_raster(info.path))
         tmp = {name: stack.enter_context(atomic_path(path)) for name, path in plan.items()}
-        for t in tmp.values():  # mkstemp makes 0600 files; masks are for sharing, follow the umask
-            os.chmod(t, _file_mode())
         writer = ProductWriter(src, info, meta, tmp, {"source": info.path.name,
                                                       "checkpoint": ckpt_path.name,
                                                       "software": "cmdbnet"})

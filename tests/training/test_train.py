@@ -176,15 +176,31 @@ def trained_run(prepared_potsdam, tmp_path_factory):
 def test_evaluate_cli_json(trained_run, prepared_potsdam, tmp_path):
     runner = CliRunner()
     out = tmp_path / "scores.json"
-    res = runner.invoke(app, ["evaluate", str(trained_run), "--data", str(prepared_potsdam), "--json", str(out),
+    res = runner.invoke(app, ["evaluate", str(trained_run), "--data", str(prepared_potsdam), "--json-out", str(out),
                               "--ignore-clutter", "--device", "cpu", "--workers", "0"])
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
     assert set(data) >= {"protocol", "mIoU", "OA", "mF1", "boundary_iou", "boundary_distance", "per_class"}
-    assert 0.0 <= data["OA"] <= 1.0 and 0.0 <= data["mIoU"] <= 1.0
     assert data["protocol"]["excluded_from_means"] == ["clutter"]
     assert set(data["per_class"]["building"]) >= {"iou", "f1", "boundary_iou"}
+    # the means are over the five classes other than clutter, and OA is a pixel fraction
+    kept = [v["iou"] for k, v in data["per_class"].items() if k != "clutter" and not math.isnan(v["iou"])]
+    assert data["mIoU"] == pytest.approx(sum(kept) / len(kept), abs=1e-6)
+    assert 0.0 <= data["OA"] <= 1.0
     assert "protocol:" in res.output
+    # --json prints the same result to stdout and nothing else; data.prepared may come from --config
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(f"data:\n  prepared: {prepared_potsdam}\n  workers: 0\n")
+    res = runner.invoke(app, ["evaluate", str(trained_run), "-c", str(cfg), "--ignore-clutter", "--device", "cpu",
+                              "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["mIoU"] == pytest.approx(data["mIoU"])
+    # the old `--json FILE` still writes the file, with a deprecation warning
+    legacy = tmp_path / "legacy.json"
+    res = runner.invoke(app, ["evaluate", str(trained_run), "--data", str(prepared_potsdam), "--json", str(legacy),
+                              "--device", "cpu", "--workers", "0"])
+    assert res.exit_code == 0, res.output
+    assert "deprecated" in res.stderr and json.loads(legacy.read_text())["OA"] == pytest.approx(data["OA"])
     bad = runner.invoke(app, ["evaluate", str(tmp_path / "nope.pt"), "--data", str(prepared_potsdam)])
     assert bad.exit_code != 0 and "checkpoint not found" in bad.output
 
