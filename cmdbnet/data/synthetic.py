@@ -121,7 +121,7 @@ class _Canvas:
         self.shade[region][moved] *= factor
 
 
-def _paint_scene(c: _Canvas, classes: tuple[str, ...]) -> None:
+def _paint_scene(c: _Canvas, classes: tuple[str, ...]) -> None:  # long on purpose: the painting order reads top to bottom
     """Layers in painting order: ground, fields / barren land / water, roads, paved areas,
     buildings (gable shading, cast shadows), tree clusters (shadows), cars on road lanes,
     clutter. A layer whose class the dataset lacks is skipped."""

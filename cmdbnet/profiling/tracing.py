@@ -1,44 +1,14 @@
-"""Peak GPU memory of a training configuration, estimated without a GPU (``fit.py`` measures on one).
+"""Activations of one training step, traced without a GPU, for the peak-memory estimate.
 
-Why an estimate: the promise is "trains on a 6 GB laptop GPU", and whoever needs to know
-whether a recipe fits is usually not at that GPU (CI, a laptop before a cluster job,
-``cmdb train --fit-vram 6GB`` choosing a recipe before its first step).
-
-Model of one trainer step (``run_step_group``) on CUDA::
-
-    peak allocated = weights + gradients + AdamW state (2 fp32 moments)
-                   + max(activations + backward transient + workspace, AdamW step temporary)
-                   + 512-byte rounding of every activation block
-    peak reserved  = peak allocated + 10% of the dynamic part (allocator fragmentation)
-
-- activations: every storage alive when forward and loss end, counted once (deduplicated by
-  storage: views and tensors saved twice count once): what autograd saves
-  (``saved_tensors_hooks``), what the graph holds besides (a custom Function's ``ctx``
-  attributes, e.g. the torch scan's chunk states), the stage inputs that gradient
-  checkpointing keeps, the outputs and the batch. Parameters are counted as weights.
-- backward transient: the gradient of the largest activation and the gradient flowing into
-  its producer, alive together (2x its size); with checkpointing, plus the saved tensors of the
-  largest checkpointed stage, recomputed one stage at a time in backward.
-- workspace: 32 MiB for cuBLAS (2 x 4 MiB per stream on CUDA 12) and cuDNN convolution
-  workspaces: an allowance, to calibrate with ``benchmarks/vram.py`` on a GPU.
-- AdamW step: the foreach implementation holds one parameter-sized temporary (sqrt of v).
-
-How forward runs without a GPU: on ``FakeTensorMode`` tensors on a *fake* CUDA device (shapes,
-dtypes, storages, no data) under CUDA's own autocast rules. CPU autocast is no stand-in: its
-fp16 list keeps layer_norm, group_norm, softmax, sum, exp, softplus and bilinear upsampling in
-fp16 where CUDA autocast runs them in fp32 (checked in tests/test_memory.py). Two kernels a fake
-device cannot choose are swapped for stand-ins with the same footprint while tracing: the torch
-selective scan (its Python time loop is slow on fake tensors) and attention (a GPU runs the fused
-memory-efficient/flash kernel, saving q, k, v, output and log-sum-exp; a fake device would fall
-back to the math path, which saves the attention matrix). The loss runs on real CPU tensors of
-the outputs' shapes: it is fp32 with autocast off, so CPU and CUDA save the same.
-
-Traces are few, because each costs about a second: per (precision, checkpointing), micro-batches
-2 and 4 at the configured crop and micro-batch 2 at one other crop; ``fit.py`` extrapolates
-``a + b*batch + c*batch*pixels`` from them (tests/test_memory.py checks it against direct traces),
-except the scan's chunk states, which are not linear in the batch (the chunk shortens as the
-batch grows) and are computed exactly. Batch 1 is not traced, so a BatchNorm that refuses single
-samples in train mode cannot stop the estimate (``fit.py`` checks that separately).
+Forward runs on ``FakeTensorMode`` tensors on a fake CUDA device (shapes, dtypes and storages,
+no data) under CUDA's own autocast rules: CPU autocast keeps different ops in fp16, so it is
+no stand-in. Two kernels a fake device cannot choose are swapped, through public seams, for
+stand-ins with the same footprint: the torch selective scan (``scan.override_function``; its
+time loop is slow on fake tensors) and attention (a GPU runs the memory-efficient kernel).
+The loss runs on real CPU tensors of the outputs' shapes (fp32, autocast off, so CPU and CUDA
+save the same). Every storage alive when forward and loss end counts once; ``budget`` turns
+the traces into a peak (weights, gradients, AdamW state, transients, fragmentation) and
+extrapolates them over batch and crop.
 """
 
 from __future__ import annotations
