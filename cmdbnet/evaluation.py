@@ -21,7 +21,7 @@ from cmdbnet.errors import CmdbError
 from cmdbnet.inference.window import forward_tta
 from cmdbnet.metrics import SegmentationMetrics
 from cmdbnet.progress import progress_bar
-from cmdbnet.runtime import DistInfo, Precision, pick_device, resolve_precision
+from cmdbnet.runtime import DistInfo, Precision, inference_precision, pick_device
 from cmdbnet.settings import Settings
 from cmdbnet.utils import write_text_atomic
 
@@ -118,7 +118,7 @@ def evaluate(checkpoint: str | Path, prepared: str | Path, split: str = "val", t
         raise CmdbError(f"--ignore-clutter: dataset {info.get('name')} has no clutter class to leave out")
     loader = eval_loader(settings, split, DistInfo(), dev, batch=batch or settings.predict.batch)
     metrics = make_metrics(list(info["classes"]), int(info["ignore_index"]), excluded, dev, boundary_dilation)
-    precision = resolve_precision(amp, "fp16" if dev.type == "cuda" else "bf16", dev)
+    precision = inference_precision(amp, dev)
 
     with progress_bar(f"evaluate {split}", enabled=progress, transient=True) as bar:
         task = bar.add_task("crops", total=len(loader.dataset))

@@ -71,6 +71,11 @@ def resolve_precision(amp: bool, amp_dtype: str, device: torch.device) -> Precis
     return Precision(True, dtype)
 
 
+def inference_precision(amp: bool, device: torch.device) -> Precision:
+    """Autocast for predict and evaluate: fp16 on CUDA (no loss to scale), bf16 on CPU."""
+    return resolve_precision(amp, "fp16" if device.type == "cuda" else "bf16", device)
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int = 0

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from cmdbnet.runtime import inference_precision
 
 TTA = Literal["none", "flip", "d4"]
 RAMP_FLOOR = 1e-3  # keeps every covered pixel's weight positive
@@ -126,13 +127,6 @@ def _undo(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
     return x.flip(-1) if flip else x
 
 
-def _autocast(device: torch.device, amp: bool):
-    if not amp:
-        return nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def forward_tta(model: torch.nn.Module, x: torch.Tensor, mode: TTA = "none",
                 amp: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Class and boundary probabilities of a normalised batch, averaged over TTA views.
@@ -146,7 +140,7 @@ def forward_tta(model: torch.nn.Module, x: torch.Tensor, mode: TTA = "none",
     probs: Optional[torch.Tensor] = None
     bnd: Optional[torch.Tensor] = None
     views = _dihedral(mode)
-    with torch.no_grad(), _autocast(x.device, amp):
+    with torch.no_grad(), inference_precision(amp, x.device).autocast(x.device):
         for k, flip in views:
             out = model(_apply(x, k, flip))
             seg, b = (out, None) if isinstance(out, torch.Tensor) else (out["seg"], out.get("boundary"))

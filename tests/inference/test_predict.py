@@ -386,3 +386,46 @@ def test_several_inputs_folder_naming_and_summary(ckpt, tmp_path):
     assert res.exit_code != 0 and "need an output folder" in res.stderr
     res = run_cli("predict", "--help")
     assert res.exit_code == 0 and "Examples" in res.stdout
+
+
+class _Asymmetric(torch.nn.Module):
+    """Not equivariant to flips or turns: every TTA view sees something different."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.seg = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.bnd = torch.nn.Conv2d(3, 1, 3, padding=1)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=g)
+
+    def forward(self, x):
+        ramp = torch.linspace(0, 2, x.shape[-1]).view(1, 1, 1, -1)  # position-dependent, breaks symmetry
+        return {"seg": self.seg(x) + ramp, "boundary": self.bnd(x) - ramp}
+
+
+def _reorder(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    return t.flatten(-2)[..., order].view(t.shape)
+
+
+@pytest.mark.parametrize("mode, views", [
+    ("flip", [lambda t: t, lambda t: t.flip(-1), lambda t: t.flip(-2)]),
+    ("d4", [lambda t, k=k, f=f: torch.rot90(t.flip(-1) if f else t, k, (-2, -1))
+            for k in range(4) for f in (False, True)]),
+])
+def test_tta_is_the_mean_of_the_views_probabilities(mode, views):
+    net, x = _Asymmetric().eval(), torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    want_p, want_b = torch.zeros(2, 4, 12, 12), torch.zeros(2, 1, 12, 12)
+    with torch.no_grad():
+        for v in views:
+            out = net(v(x))
+            # undo the view by brute force: find the map that sends v(index grid) back to the grid
+            grid = torch.arange(144.0).view(1, 1, 12, 12)
+            moved = v(grid).flatten()
+            order = torch.argsort(moved)
+            want_p += _reorder(out["seg"].softmax(1), order) / len(views)
+            want_b += _reorder(out["boundary"].sigmoid(), order) / len(views)
+    p, b = forward_tta(net, x, mode)
+    assert torch.allclose(p, want_p, atol=1e-6) and torch.allclose(b, want_b, atol=1e-6)
+    single, _ = forward_tta(net, x, "none")
+    assert not torch.allclose(p, single, atol=1e-3)  # the views really differ for this network

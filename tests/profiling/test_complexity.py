@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from cmdbnet.cli import app
 from cmdbnet.models import build_model
 from cmdbnet.models.scan import scan_macs
-from cmdbnet.profiling.complexity import MODULES, count_complexity
+from cmdbnet.profiling.complexity import DESIGN_BUDGET, MODULES, count_complexity
 from cmdbnet.settings import ModelSettings
 
 SMALL = dict(backbone="resnet18", pretrained="off", mamba_dims=[16, 32, 64, 128], mamba_depths=[1, 1, 2, 1],
@@ -104,8 +104,15 @@ def test_count_params_cli_table(tmp_path):
     cfg.write_text(json.dumps({"model": {k: v for k, v in SMALL.items() if k != "pretrained"}}))
     result = CliRunner().invoke(app, ["count-params", "--config", str(cfg), "--crop", "256"])
     assert result.exit_code == 0, result.output
-    for label in ("CNN branch", "Mamba branch", "fusion", "boundary refinement", "heads", "total", "34.80 M"):
-        assert label in result.output
+    as_json = CliRunner().invoke(app, ["count-params", "--config", str(cfg), "--crop", "256", "--json"])
+    report = json.loads(as_json.stdout)
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") == 6}
+    assert set(rows) == {"CNN branch", "Mamba branch", "fusion", "boundary refinement", "heads", "total"}
+    # the table prints the counted figures of this network and the design's budget beside them
+    assert f"{report['total']['params'] / 1e6:.2f} M" in rows["total"]
+    assert f"{report['total']['macs'] / 1e9:.2f} G" in rows["total"]
+    assert f"{DESIGN_BUDGET['total'][0] / 1e6:.2f} M" in rows["total"]
+    assert "design params" in result.output
 
 
 @pytest.mark.parametrize("args, message", [(["--variant", "huge"], "unknown variant 'huge'"),

@@ -1,33 +1,22 @@
-"""VRAM profiling: activation counting, the fake-CUDA estimate, the budget search, OOM back-off."""
+"""Activation tracing on a fake CUDA device: what is counted is what stays alive."""
 
 from __future__ import annotations
-
-import json
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
-from typer.testing import CliRunner
 
-from cmdbnet.cli import app
-from cmdbnet.errors import CmdbError
 from cmdbnet.models import build_model, scan
 from cmdbnet.models.scan import selective_scan
-from cmdbnet.profiling import budget as fitmod
-from cmdbnet.profiling.budget import CONTEXT_RESERVE, MemoryConfig, estimate, fit_settings
 from cmdbnet.profiling.tracing import (
     ActivationCounter,
     cuda_autocast,
     fake_cuda_copy,
     gpu_kernels,
-    trace_forward,
-    trace_loss,
 )
 from cmdbnet.settings import load_settings
 
@@ -183,131 +172,3 @@ def test_counted_activations_are_all_that_stays_alive(checkpointing):
             out = net(x)
         outputs = list(out["aux"]) + [out["seg"], out["boundary"]]
         assert _saved_by_graph_walk(outputs, params) == sum(hooks_only.sizes()) == hooks_only.by_reason()["saved"]
-
-
-def test_batch_and_crop_extrapolation_matches_direct_traces():
-    s = tiny()
-    surface = fitmod._Surface(s, True, "fp16", False, 64)
-    for batch, crop in ((8, 64), (6, 96)):
-        fwd, signature = trace_forward(s, batch, crop, True)
-        loss = trace_loss(s, signature, crop, batch)
-        direct = fwd.linear + sum(scan.state_bytes(*sc) for sc in fwd.scans) + loss.linear
-        extrapolated = surface.at(batch, crop)["activations"]
-        assert extrapolated == pytest.approx(direct, rel=1e-3), (batch, crop)
-    assert len(surface.traces) == 3  # (2, 64), (4, 64) and (2, 128) served both
-
-
-@pytest.fixture(scope="module")
-def default_estimates():
-    s = load_settings()
-    return {name: estimate(MemoryConfig(4, 4, 256, amp, "fp16", ckpt).apply(s))
-            for name, amp, ckpt in (("recipe", True, False), ("fp32", False, False), ("ckpt", True, True))}
-
-
-def test_default_recipe_fits_a_6gb_card(default_estimates):
-    r = default_estimates["recipe"]
-    assert r.device == "estimate" and r.config == MemoryConfig(4, 4, 256, True, "fp16", False)
-    assert r.peak <= 4.5 * GiB
-    assert r.peak == sum(r.parts.values()) + sum(r.overheads.values())
-    assert r.weights == pytest.approx(4 * 32.65e6, rel=0.01)  # 32.65 M fp32 parameters
-    assert r.gradients <= r.weights and r.optimizer == 2 * r.gradients
-    assert r.fits(6 * GiB) and r.peak + CONTEXT_RESERVE <= 6 * GiB
-
-
-def test_amp_and_checkpointing_lower_the_estimate(default_estimates):
-    recipe, fp32, ckpt = (default_estimates[k] for k in ("recipe", "fp32", "ckpt"))
-    assert recipe.activations < 0.85 * fp32.activations and recipe.peak < fp32.peak
-    assert ckpt.activations < 0.6 * recipe.activations and ckpt.peak < recipe.peak
-    assert ckpt.overheads["backward_transient"] > recipe.overheads["backward_transient"]  # a stage is recomputed
-
-
-def test_fit_settings_keeps_the_effective_batch_and_fits():
-    s = tiny()
-    second = estimate(MemoryConfig(4, 4, 128, True, "fp16", False).apply(s))
-    first = estimate(MemoryConfig(8, 2, 128, True, "fp16", False).apply(s))
-    assert first.peak > second.peak
-    budget = second.peak + CONTEXT_RESERVE + 1
-    fitted, message = fit_settings(s, budget)
-    assert (fitted.train.batch, fitted.train.accum, fitted.data.crop) == (4, 4, 128)
-    assert fitted.train.amp and not fitted.model.checkpointing
-    assert estimate(fitted).fits(budget)
-    assert "batch 4 x accum 4" in message and "\n" not in message
-
-    fitted, _ = fit_settings(s, first.peak + CONTEXT_RESERVE)
-    assert fitted.train.batch * fitted.train.accum == 16 and fitted.train.batch == 8
-
-
-def test_fit_settings_says_what_the_smallest_peak_is_when_nothing_fits():
-    s = tiny(batch=2, accum=1)
-    with pytest.raises(CmdbError, match=r"no recipe fits .*smallest estimated peak is [\d.]+ MiB \(batch 1 x accum 2"):
-        fit_settings(s, CONTEXT_RESERVE + 8 * MiB)
-
-
-def test_cli_profile_vram_json_and_table(tmp_path):
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(yaml.safe_dump({"model": TINY_MODEL, "data": {"crop": 128}, "train": {"batch": 2, "accum": 2}}))
-    runner = CliRunner()
-    res = runner.invoke(app, ["profile-vram", "-c", str(cfg), "--device", "cpu", "--budget", "1GB", "--json"])
-    assert res.exit_code == 0, res.output
-    out = json.loads(res.stdout)
-    assert out["device"] == "estimate" and out["config"]["batch"] == 2 and out["config"]["crop"] == 128
-    assert set(out["parts"]) == {"weights", "gradients", "optimizer", "activations"}
-    assert out["peak_bytes"] == sum(out["parts"].values()) + sum(out["overheads"].values())
-    assert out["fits"] and all(f["peak_bytes"] + CONTEXT_RESERVE <= GiB for f in out["fits"])
-    assert all(f["config"]["effective_batch"] == 4 for f in out["fits"])
-    assert out["fits"][0]["config"]["crop"] == 128
-
-    res = runner.invoke(app, ["profile-vram", "-c", str(cfg), "--device", "cpu", "--json"])
-    assert res.exit_code == 0 and json.loads(res.stdout)["fits"] == []
-
-    res = runner.invoke(app, ["profile-vram", "-c", str(cfg), "--device", "cpu", "--no-amp", "--budget", "1GB"])
-    assert res.exit_code == 0, res.output
-    text = " ".join(res.stdout.replace("│", " ").split())
-    assert "estimated for a CUDA run" in text and "fp32" in text and "Recipes that fit 1.00 GiB" in text
-    assert "| 1 | 4 x 1 | 128 | fp16 | no |" in " ".join(res.stdout.replace("│", " | ").split())
-
-
-def test_oom_back_off_halves_the_micro_batch_and_logs_it(prepared_potsdam, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from cmdbnet.api import train
-
-    calls = []
-
-    def fault(step, micro_batch):
-        calls.append((step, micro_batch))
-        if step == 1 and micro_batch == 4 and not any(c == (1, 4) for c in calls[:-1]):
-            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-
-    s = load_settings(None, {"data": {"prepared": prepared_potsdam, "crop": 64, "workers": 0},
-                             "model": TINY_MODEL,
-                             "train": {"out": tmp_path / "run", "batch": 4, "accum": 2, "max_steps": 3, "amp": False,
-                                       "device": "cpu", "warmup_steps": 1, "log_images": 0}})
-    result = train(s, progress=False, fault_hook=fault)
-    assert result.steps == 3
-    assert (result.micro_batch, result.accum) == (2, 4)
-    after = calls[calls.index((1, 4)) + 1:]
-    assert after[0] == (1, 2) and {mb for _, mb in after} == {2}  # step 1 redone with half the micro-batch
-    acc = EventAccumulator(str(tmp_path / "run" / "tb"))
-    acc.Reload()
-    events = acc.Scalars("memory/micro_batch")
-    assert [(e.step, e.value) for e in events] == [(1, 2.0)]
-    assert [e.value for e in acc.Scalars("memory/accum")] == [4.0]
-    assert math.isfinite(result.best_miou)
-
-
-def test_train_fit_vram_applies_the_fitted_recipe(prepared_potsdam, tmp_path):
-    from cmdbnet.api import resolve_fit_vram
-    from cmdbnet.training.loop import Trainer
-
-    s = load_settings(None, {"data": {"prepared": prepared_potsdam, "crop": 64, "workers": 0}, "model": TINY_MODEL,
-                             "train": {"out": tmp_path / "run", "batch": 4, "accum": 4, "device": "cpu"}})
-    half = estimate(MemoryConfig(2, 8, 64, True, "fp16", False).apply(s))
-    assert estimate(MemoryConfig(4, 4, 64, True, "fp16", False).apply(s)).peak > half.peak
-    s.train.fit_vram = f"{(half.peak + CONTEXT_RESERVE) / MiB + 0.5:.1f}MB"
-    with pytest.raises(CmdbError, match="resolved before the run starts"):
-        Trainer(s, progress=False)  # the loop never configures itself
-    resolved, note = resolve_fit_vram(s)
-    trainer = Trainer(resolved, progress=False, fit_note=note)
-    assert (trainer.micro_batch, trainer.accum) == (2, 8)
-    assert trainer.settings.train.amp and trainer.fit_note.startswith("--fit-vram")
