@@ -29,9 +29,20 @@ FORMAT = "cmdbnet-checkpoint"
 VERSION = 1
 
 
+def nonfinite_tensors(state: Any) -> list[str]:
+    """Names of the floating-point tensors of a state dict that hold NaN or inf."""
+    if not isinstance(state, dict):
+        return []
+    return [k for k, v in state.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` atomically (temporary name, then rename)."""
+    """Write ``payload`` atomically (temporary name, then rename); never with non-finite weights."""
     path = Path(path)
+    bad = nonfinite_tensors(payload.get("model"))
+    if bad:
+        raise CmdbError(f"refusing to write {path}: {len(bad)} weight tensor(s) hold NaN or inf (first: {bad[0]})")
     data = {"format": FORMAT, "version": VERSION, **payload}
     with atomic_path(path, suffix=".pt") as tmp:
         torch.save(data, tmp)
@@ -74,6 +85,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     for key in ("model", "settings", "dataset"):
         if key not in data:
             raise CmdbError(f"{p}: checkpoint lacks '{key}'")
+    bad = nonfinite_tensors(data["model"])
+    if bad:
+        raise CmdbError(f"{p}: {len(bad)} weight tensor(s) hold NaN or inf (first: {bad[0]}); the run that wrote "
+                        "it diverged or trained on NaN pixels: use an earlier checkpoint or retrain")
     return data
 
 

@@ -120,6 +120,7 @@ class TrainSettings(_Section):
     max_nonfinite: int = Field(20, ge=1, description="consecutive non-finite losses before stopping")
     fit_vram: str | None = Field(None, description="memory budget, e.g. 6GB: pick the fastest fitting recipe")
     resume: Path | None = None
+    overwrite: bool = Field(False, description="start over in a run folder that already holds a run")
 
 
 class PredictSettings(_Section):
