@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import sys
+import threading
+import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -32,6 +35,8 @@ from affine import Affine
 from rasterio.errors import NotGeoreferencedWarning
 
 from cmdbnet.data.manifest import (
+    DONE_DIR,
+    SPLIT_ORDER,
     build_manifest,
     check_out,
     crop_paths,
@@ -46,6 +51,7 @@ from cmdbnet.errors import CmdbError
 from cmdbnet.utils import atomic_path
 
 EDGE_RULE = "last crop of a row/column shifted back to end at the tile edge (overlaps its neighbour)"
+NONFINITE_POLICY = "NaN/inf image pixels: every band set to 0, label set to the ignore index"
 
 
 class PrepareWarning(UserWarning):
@@ -116,13 +122,15 @@ def _write_tif(path: Path, array: np.ndarray, profile: dict[str, Any]) -> None:
 def cut_tile(job: TileJob, on_strip: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Write the crops of ``job.rows``; on any failure remove the crops it wrote, then re-raise.
 
-    Returns ``{"crops": stems, "counts": pixels per label value (256), "files": {what: record}}``.
+    Returns ``{"crops": stems, "counts": pixels per label value (256), "files": {what: record},
+    "nonfinite": pixels}``; NaN/inf pixels are handled as ``NONFINITE_POLICY`` says.
     """
     spec, tile, info, crop = get_spec(job.dataset), job.tile, job.info, job.crop
     decoder = LabelDecoder(spec, job.eroded)
     out = Path(job.out)
     cols = axis_starts(info.width, crop, job.stride)
     counts = np.zeros(256, np.int64)
+    nonfinite = 0
     written: list[Path] = []
     stems: list[str] = []
     try:
@@ -140,6 +148,12 @@ def cut_tile(job: TileJob, on_strip: Callable[[int], None] | None = None) -> dic
                 index = decoder(read_rows(lab, y, crop, "label"))
                 if (index == UNKNOWN).any():
                     raise decoder.off_palette_error(lab)
+                if strip.dtype.kind == "f":
+                    bad = ~np.isfinite(strip).all(axis=0)
+                    if bad.any():
+                        nonfinite += int(bad.sum())
+                        strip[:, bad] = 0
+                        index[bad] = spec.ignore_index
                 for x in cols:
                     stem = f"{tile.key}_{y:05d}_{x:05d}"
                     where = {"transform": window_transform(img.transform, y, x)} if geo else {}
@@ -155,7 +169,7 @@ def cut_tile(job: TileJob, on_strip: Callable[[int], None] | None = None) -> dic
                     on_strip(len(cols))
         root = Path(job.root)
         files = {what: _file_record(getattr(tile, what), root) for what in job.checksums}
-        return {"crops": stems, "counts": counts.tolist(), "files": files}
+        return {"crops": stems, "counts": counts.tolist(), "files": files, "nonfinite": nonfinite}
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
@@ -200,7 +214,8 @@ class _Assembler:
         record = {"key": key, "tile_id": tile.tile_id, "split": tile.split, "listed": tile.listed,
                   "image": files["image"], "label": files["label"], "height": job.info.height,
                   "width": job.info.width, "crs": job.info.crs, "crops": sorted(s for p in parts for s in p["crops"]),
-                  "class_pixels": counts[:self.k].tolist(), "ignored": int(counts[self.ignore])}
+                  "class_pixels": counts[:self.k].tolist(), "ignored": int(counts[self.ignore]),
+                  "nonfinite": sum(p.get("nonfinite", 0) for p in parts)}
         mark_done(self.out, tile, self.params, record)
         self.records[key] = record
 
@@ -212,6 +227,35 @@ class _Assembler:
                 for stem in (s for p in parts for s in p["crops"]):
                     for path in crop_paths(self.out, split[key], stem):
                         path.unlink(missing_ok=True)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Pool worker start-up: exit as soon as prepare's process dies, even by SIGKILL.
+
+    Why: orphaned workers otherwise keep writing crops into the output folder, then wait
+    forever. Linux: the kernel's parent-death signal; elsewhere a thread watching the parent.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes  # Linux only
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the line above ran
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def remove_stale_parts(out: Path) -> None:
+    """Delete temporary files (``.<name>.*.part*``) that a killed run left in the output folder."""
+    for folder in [out, out / DONE_DIR] + [out / s / k for s in SPLIT_ORDER for k in ("images", "labels")]:
+        if folder.is_dir():
+            for stale in folder.glob(".*.part*"):
+                stale.unlink(missing_ok=True)
 
 
 def _run_jobs(jobs: list[TileJob], workers: int, progress: bool, add: Callable[[TileJob, dict], None]) -> None:
@@ -229,7 +273,8 @@ def _run_jobs(jobs: list[TileJob], workers: int, progress: bool, add: Callable[[
             for job in jobs:
                 add(job, cut_tile(job, on_strip=lambda n: bar.advance(task, n)))
             return
-        pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)))
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=_die_with_parent,
+                                   initargs=(os.getpid(),))
         futures = {pool.submit(cut_tile, job): job for job in jobs}
         added = set()
         try:
@@ -276,6 +321,7 @@ def prepare(dataset: str, root: str | os.PathLike, out: str | os.PathLike, crop:
                         + ", ".join(f"{c} x {d}" for c, d in sorted(kinds)))
     params = run_params(spec.name, crop, stride, band.name, eroded)
     check_out(out, root, params)
+    remove_stale_parts(out)
 
     records: dict[str, dict[str, Any]] = {}
     todo = []
@@ -296,6 +342,15 @@ def prepare(dataset: str, root: str | os.PathLike, out: str | os.PathLike, crop:
         assembler.discard_unfinished(jobs)
         raise
     records.update(assembler.records)
-    manifest = build_manifest(spec, band, params, scan, infos, [records[t.key] for t in scan.tiles], root, EDGE_RULE)
+    ordered = [records[t.key] for t in scan.tiles]
+    manifest = build_manifest(spec, band, params, scan, infos, ordered, root, EDGE_RULE)
+    bad = {t.image: r.get("nonfinite", 0) for t, r in zip(scan.tiles, ordered) if r.get("nonfinite", 0)}
+    manifest["nonfinite_pixels"] = {"policy": NONFINITE_POLICY, "total": sum(bad.values()),
+                                    "images": {str(k): v for k, v in bad.items()}}
+    if bad:
+        first = next(iter(bad))
+        warnings.warn(f"{sum(bad.values())} NaN/inf pixel(s) in {len(bad)} image(s) (e.g. {first}: {bad[first]} px): "
+                      f"set to 0 and labelled ignore ({spec.ignore_index}), so training and scores skip them",
+                      PrepareWarning, stacklevel=2)
     write_manifest(out, manifest)
     return manifest
