@@ -17,6 +17,7 @@ is a plain mapping of tensors and JSON-like values, loaded with
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -62,21 +63,26 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return p
 
 
+def safe_torch_load(p: Path, what: str, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` with whole-sentence errors: refused code, or unreadable file."""
+    try:
+        return torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "global" not in str(exc).lower():
+            raise CmdbError(f"{p}: not a readable {what} (truncated, corrupt or not a torch file)") from None
+        name = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        raise CmdbError(f"{p}: refused to load: the file holds Python objects or code, not only weights"
+                        + (f" (it calls {name.group(1)})" if name else "")) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        reason = "truncated or damaged" if "zip" in str(exc).lower() or isinstance(exc, EOFError) else \
+            f"{type(exc).__name__}"
+        raise CmdbError(f"{p}: not a readable {what} ({reason}; was it copied or written completely?)") from None
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a cmdbnet checkpoint safely; refuse files that hold code or are not ours."""
     p = resolve_checkpoint(path)
-    try:
-        data = torch.load(p, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        text = str(exc)
-        if "global" not in text.lower():
-            raise CmdbError(f"{p}: not a readable checkpoint (truncated, corrupt or not a torch file)") from None
-        what = next((ln.strip() for ln in text.splitlines() if "Unsupported global" in ln), "")
-        raise CmdbError(f"{p}: refused to load: the file holds Python objects or code, not only weights"
-                        + (f" ({what[:160]})" if what else "")) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CmdbError(f"{p}: not a readable checkpoint ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:160] if str(exc) else 'truncated or corrupt'})") from None
+    data = safe_torch_load(p, "checkpoint", map_location)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CmdbError(f"{p}: not a cmdbnet checkpoint (no '{FORMAT}' header); "
                         "to use bare backbone weights, set model.backbone_weights instead")

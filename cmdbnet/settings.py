@@ -11,6 +11,7 @@ Precedence, lowest first: defaults < YAML file (``--config``) < environment
 from __future__ import annotations
 
 import contextvars
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -210,8 +211,17 @@ def format_validation_error(exc: ValidationError, source: str = "settings") -> s
             msg = "unknown setting"
         got = err.get("input")
         shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
-        lines.append(f"{source}: {loc}: {msg}{shown}")
+        lines.append(f"{source}: {loc}: {msg}{shown}{_env_origin(err.get('loc', ()), got)}")
     return "\n".join(lines)
+
+
+def _env_origin(loc: tuple, got: Any) -> str:
+    """Name the CMDB_* variable a bad value came from, since the user set that and not ``loc``."""
+    name = "CMDB_" + "__".join(str(p) for p in loc).upper()
+    for key, value in os.environ.items():
+        if key.upper() == name and (got is None or str(got) == value):
+            return f" (from environment variable {key})"
+    return ""
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from cmdbnet.cli.common import ConfigOption, JsonFlag, cli_errors, console, err_console, print_json, settings_from
+from cmdbnet.errors import CmdbError
 
 VARIANTS = "full, cnn_only, mamba_only, no_fusion, no_boundary"
 
@@ -110,6 +111,20 @@ def train_cmd(
                   f"TensorBoard: tensorboard --logdir {result.run_dir / 'tb'}")
 
 
+def check_evaluate_inputs(checkpoint: Path, data: Path, split: str) -> None:
+    """The checks that need no torch, so a typo is reported at once."""
+    from cmdbnet.data.manifest import read_manifest  # here: rasterio would slow every cmdb start
+
+    if not checkpoint.exists():
+        raise CmdbError(f"checkpoint not found: {checkpoint}")
+    if checkpoint.is_dir() and not any((checkpoint / n).is_file() for n in ("best.pt", "last.pt")):
+        raise CmdbError(f"no best.pt or last.pt in run folder {checkpoint}")
+    crops = read_manifest(data)["crops"]
+    if not crops.get(split):
+        have = ", ".join(s for s, v in crops.items() if v) or "none"
+        raise CmdbError(f"--split {split}: {data} has no crops in that split; splits with crops: {have}")
+
+
 def evaluate_cmd(
     checkpoint: Path = typer.Argument(..., help="Checkpoint file or run folder (best.pt is used)."),
     data: Path = typer.Option(..., "--data", "-d", help="Prepared folder (from cmdb prepare)."),
@@ -129,7 +144,8 @@ def evaluate_cmd(
 
       cmdb evaluate runs/potsdam/best.pt --data prepared/potsdam --tta --json scores.json
     """
-    from cmdbnet.evaluation import evaluate
+    check_evaluate_inputs(checkpoint, data, split)
+    from cmdbnet.evaluation import evaluate  # here, not at the top: torch loads only once the inputs exist
 
     result = evaluate(checkpoint, data, split=split, tta="d4" if tta else "none", ignore_clutter=ignore_clutter,
                       device=device, batch=batch, workers=workers, json_out=json_file,
