@@ -39,7 +39,9 @@ def metrics_table(result: dict, title: str) -> Table:
 
 def protocol_line(p: dict) -> str:
     inc = ", ".join(p.get("included_in_means", []))
-    return (f"protocol: dataset {p.get('dataset')} split {p.get('split')} | means over: {inc} | "
+    trained = p.get("checkpoint_dataset")
+    data = p.get("dataset") if trained in (None, p.get("dataset")) else f"{p.get('dataset')} (checkpoint: {trained})"
+    return (f"protocol: dataset {data} split {p.get('split')} | means over: {inc} | "
             f"labels {'eroded' if p.get('eroded_labels') else 'full'} | OA over all classes | "
             f"boundary {p.get('boundary_dilation')} | TTA {p.get('tta', 'none')}")
 
@@ -150,6 +152,8 @@ def evaluate_cmd(
     result = evaluate(checkpoint, data, split=split, tta="d4" if tta else "none", ignore_clutter=ignore_clutter,
                       device=device, batch=batch, workers=workers, json_out=json_file,
                       progress=err_console.is_terminal)
+    for warning in result.get("warnings", []):
+        typer.echo(f"cmdb: warning: {warning}", err=True)
     console.print(metrics_table(result, f"{Path(checkpoint)} on {split}"))
     console.print(protocol_line(result["protocol"]))
     if json_file:

@@ -141,6 +141,8 @@ def cut_tile(job: TileJob, on_strip: Callable[[int], None] | None = None) -> dic
             # reads every crop many times, so no codec on either side.
             image_profile = {"driver": "GTiff", "height": crop, "width": crop, "count": info.count,
                              "dtype": info.dtype, "nodata": img.nodata, "interleave": "band", **geo}
+            if info.count == 4:  # RGBIR: the fourth band is data, never an alpha mask
+                image_profile["photometric"] = "MINISBLACK"
             label_profile = {"driver": "GTiff", "height": crop, "width": crop, "count": 1, "dtype": "uint8",
                              "nodata": spec.ignore_index, **geo}
             for y in job.rows:
