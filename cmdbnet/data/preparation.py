@@ -236,7 +236,9 @@ def _die_with_parent(parent: int) -> None:
 
     Why: orphaned workers otherwise keep writing crops into the output folder, then wait
     forever. Linux: the kernel's parent-death signal; elsewhere a thread watching the parent.
+    Workers ignore Ctrl-C: the parent stops the pool, and no worker prints a traceback.
     """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: prepare itself stops the pool
     if sys.platform.startswith("linux"):
         import ctypes  # Linux only
 

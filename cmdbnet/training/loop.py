@@ -329,7 +329,7 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         raise CmdbError(f"--out {run_dir}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CmdbError(f"--out {run_dir}: cannot write in {parent} (permission denied)")
-    held = [n for n in RUN_FILES if (run_dir / n).is_file()]
+    held = [n for n in RUN_FILES[:2] if (run_dir / n).is_file()]  # settings.yaml alone: nothing to lose
     if held and not resume and not overwrite:
         raise CmdbError(f"{run_dir} already holds a run ({', '.join(held)}): continue it with --resume {run_dir}, "
                         "or start over with --overwrite")
