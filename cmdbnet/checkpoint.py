@@ -16,7 +16,6 @@ is a plain mapping of tensors and JSON-like values, loaded with
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 
 from cmdbnet.errors import CmdbError
 from cmdbnet.models import build_model
+from cmdbnet.serialization import safe_torch_load
 from cmdbnet.settings import settings_from_dict
 from cmdbnet.utils import atomic_path
 
@@ -31,9 +31,20 @@ FORMAT = "cmdbnet-checkpoint"
 VERSION = 1
 
 
+def nonfinite_tensors(state: Any) -> list[str]:
+    """Names of the floating-point tensors of a state dict that hold NaN or inf."""
+    if not isinstance(state, dict):
+        return []
+    return [k for k, v in state.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` atomically (temporary name, then rename)."""
+    """Write ``payload`` atomically (temporary name, then rename); never with non-finite weights."""
     path = Path(path)
+    bad = nonfinite_tensors(payload.get("model"))
+    if bad:
+        raise CmdbError(f"refusing to write {path}: {len(bad)} weight tensor(s) hold NaN or inf (first: {bad[0]})")
     data = {"format": FORMAT, "version": VERSION, **payload}
     with atomic_path(path, suffix=".pt") as tmp:
         torch.save(data, tmp)
@@ -56,18 +67,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a cmdbnet checkpoint safely; refuse files that hold code or are not ours."""
     p = resolve_checkpoint(path)
-    try:
-        data = torch.load(p, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        text = str(exc)
-        if "global" not in text.lower():
-            raise CmdbError(f"{p}: not a readable checkpoint (truncated, corrupt or not a torch file)") from None
-        what = next((ln.strip() for ln in text.splitlines() if "Unsupported global" in ln), "")
-        raise CmdbError(f"{p}: refused to load: the file holds Python objects or code, not only weights"
-                        + (f" ({what[:160]})" if what else "")) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CmdbError(f"{p}: not a readable checkpoint ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:160] if str(exc) else 'truncated or corrupt'})") from None
+    data = safe_torch_load(p, "checkpoint", map_location)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CmdbError(f"{p}: not a cmdbnet checkpoint (no '{FORMAT}' header); "
                         "to use bare backbone weights, set model.backbone_weights instead")
@@ -76,6 +76,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     for key in ("model", "settings", "dataset"):
         if key not in data:
             raise CmdbError(f"{p}: checkpoint lacks '{key}'")
+    bad = nonfinite_tensors(data["model"])
+    if bad:
+        raise CmdbError(f"{p}: {len(bad)} weight tensor(s) hold NaN or inf (first: {bad[0]}); the run that wrote "
+                        "it diverged or trained on NaN pixels: use an earlier checkpoint or retrain")
     return data
 
 

@@ -125,8 +125,12 @@ def evaluate(checkpoint: str | Path, prepared: str | Path, split: str = "val", t
         scored = score_loader(model, loader, metrics, dev, precision, tta=tta,
                               on_batch=lambda n: bar.advance(task, n))
     m = scored.metrics
+    trained_on, data_is = f"{info.get('name')} {info.get('bands')}", f"{manifest['dataset']} {manifest.get('bands')}"
     result = {
-        "protocol": {**metrics.protocol(), "dataset": info.get("name"), "split": split,
+        "warnings": [] if trained_on == data_is else [
+            f"the checkpoint was trained on {trained_on} but {prepared} is {data_is}: the scores compare "
+            "different data"],
+        "protocol": {**metrics.protocol(), "dataset": data_is, "checkpoint_dataset": trained_on, "split": split,
                      "eroded_labels": bool(manifest.get("eroded", False)), "tta": tta,
                      "crops": len(loader.dataset), "checkpoint": str(checkpoint),
                      "split_policy": manifest.get("split_policy")},

@@ -11,6 +11,7 @@ Precedence, lowest first: defaults < YAML file (``--config``) < environment
 from __future__ import annotations
 
 import contextvars
+import os
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -124,6 +125,7 @@ class TrainSettings(_Section):
     max_nonfinite: int = Field(20, ge=1, description="consecutive non-finite losses before stopping")
     fit_vram: str | None = Field(None, description="memory budget, e.g. 6GB: pick the fastest fitting recipe")
     resume: Path | None = None
+    overwrite: bool = Field(False, description="start over in a run folder that already holds a run")
 
 
 class PredictSettings(_Section):
@@ -213,8 +215,17 @@ def format_validation_error(exc: ValidationError, source: str = "settings") -> s
             msg = "unknown setting"
         got = err.get("input")
         shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
-        lines.append(f"{source}: {loc}: {msg}{shown}")
+        lines.append(f"{source}: {loc}: {msg}{shown}{_env_origin(err.get('loc', ()), got)}")
     return "\n".join(lines)
+
+
+def _env_origin(loc: tuple, got: Any) -> str:
+    """Name the CMDB_* variable a bad value came from, since the user set that and not ``loc``."""
+    name = "CMDB_" + "__".join(str(p) for p in loc).upper()
+    for key, value in os.environ.items():
+        if key.upper() == name and (got is None or str(got) == value):
+            return f" (from environment variable {key})"
+    return ""
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:

@@ -43,7 +43,7 @@ def cli_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except CmdbError as exc:
-            for line in str(exc).splitlines() or ["failed"]:
+            for line in user_lines(exc):
                 typer.echo(f"cmdb: error: {line}", err=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
@@ -51,6 +51,15 @@ def cli_errors(fn: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def user_lines(exc: CmdbError) -> list[str]:
+    """The message lines of a user error; one raised in a data-loader worker comes wrapped in its traceback."""
+    text = str(exc)
+    if "\nOriginal Traceback" in text:
+        last = [ln for ln in text.splitlines() if ln.strip()][-1]
+        return [last.split("Error: ", 1)[-1] if last.startswith("cmdbnet.errors.") else last]
+    return text.splitlines() or ["failed"]
 
 
 def settings_from(config: Optional[Path], **sections: dict[str, Any]) -> Settings:

@@ -12,6 +12,20 @@ from cmdbnet.cli.tables import metrics_table, protocol_line
 from cmdbnet.errors import CmdbError
 
 
+def check_evaluate_inputs(checkpoint: Path, data: Path, split: str) -> None:
+    """The checks that need no torch, so a typo is reported at once."""
+    from cmdbnet.data.manifest import read_manifest  # here: rasterio would slow every cmdb start
+
+    if not checkpoint.exists():
+        raise CmdbError(f"checkpoint not found: {checkpoint}")
+    if checkpoint.is_dir() and not any((checkpoint / n).is_file() for n in ("best.pt", "last.pt")):
+        raise CmdbError(f"no best.pt or last.pt in run folder {checkpoint}")
+    crops = read_manifest(data)["crops"]
+    if not crops.get(split):
+        have = ", ".join(s for s, v in crops.items() if v) or "none"
+        raise CmdbError(f"--split {split}: {data} has no crops in that split; splits with crops: {have}")
+
+
 def evaluate_command(
     checkpoint: Path = typer.Argument(..., help="Checkpoint file or run folder (best.pt is used)."),
     legacy_json: Optional[Path] = typer.Argument(None, hidden=True),
@@ -21,7 +35,7 @@ def evaluate_command(
     tta: bool = typer.Option(False, "--tta", help="Test-time augmentation (flips and rotations, d4)."),
     ignore_clutter: bool = typer.Option(False, "--ignore-clutter", help="Means over the five ISPRS classes without clutter (as most papers report)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (predict.device)."),
-    batch: Optional[int] = typer.Option(None, "--batch", help="Crops per forward pass (predict.batch)."),
+    batch: Optional[int] = typer.Option(None, "--batch", help="Crops per forward pass (predict.batch, default 8)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Data-loader workers (data.workers)."),
     as_json: bool = JsonFlag,
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="Also write the result as JSON to this file."),
@@ -46,12 +60,15 @@ def evaluate_command(
                              predict={"device": device, "batch": batch})
     if settings.data.prepared is None:
         raise CmdbError("no prepared data: pass --data PREPARED (the output folder of cmdb prepare)")
-    # Imported here, after the flags are checked: torch takes seconds to import.
+    check_evaluate_inputs(checkpoint, settings.data.prepared, split)
+    # Imported here, after the inputs are checked: torch takes seconds to import.
     from cmdbnet.evaluation import evaluate
 
     result = evaluate(checkpoint, settings.data.prepared, split=split, tta="d4" if tta else "none",
                       ignore_clutter=ignore_clutter, device=settings.predict.device, batch=batch,
                       workers=workers, json_out=json_out, progress=err_console.is_terminal)
+    for warning in result.get("warnings", []):
+        typer.echo(f"cmdb: warning: {warning}", err=True)
     if as_json:
         print_json(result)
         return

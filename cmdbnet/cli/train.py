@@ -25,14 +25,15 @@ def train_command(
     checkpointing: Optional[bool] = typer.Option(None, "--checkpointing/--no-checkpointing",
                                                  help="Gradient checkpointing of stages (~30% less memory)."),
     variant: Optional[str] = typer.Option(None, "--variant", help=f"Ablation variant: {', '.join(VARIANTS)}."),
-    epochs: Optional[int] = typer.Option(None, "--epochs"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the training crops (default 300)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (overrides --epochs)."),
     val_interval: Optional[int] = typer.Option(None, "--val-interval", help="Validate every K epochs."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Data-loader workers."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (AdamW)."),
     boundary_weight: Optional[float] = typer.Option(None, "--boundary-weight", help="Boundary loss weight (0.3; 0.5 for sharper edges)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Run folder or checkpoint to continue exactly."),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Start over in a --out folder that holds a run."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed: same seed, same run (default 42)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     sync_bn: Optional[bool] = typer.Option(None, "--sync-bn/--no-sync-bn", help="SyncBatchNorm across GPUs (DDP)."),
     fit_vram: Optional[str] = typer.Option(None, "--fit-vram", help="Memory budget such as 6GB: apply the fastest recipe that fits."),
@@ -50,16 +51,17 @@ def train_command(
 
       torchrun --nproc-per-node 2 -m cmdbnet train --data prepared/potsdam --out runs/ddp
     """
-    from cmdbnet.api import train
-
     settings = settings_from(
         config,
         data={"prepared": data, "crop": crop, "workers": workers},
         model={"variant": variant, "checkpointing": checkpointing},
         train={"out": out, "amp": amp, "amp_dtype": amp_dtype, "batch": batch, "accum": accum, "epochs": epochs,
                "max_steps": max_steps, "val_interval": val_interval, "lr": lr, "resume": resume, "seed": seed,
-               "device": device, "sync_bn": sync_bn, "boundary_weight": boundary_weight, "fit_vram": fit_vram},
+               "device": device, "sync_bn": sync_bn, "boundary_weight": boundary_weight, "fit_vram": fit_vram,
+               "overwrite": overwrite},
     )
+    from cmdbnet.api import train  # here, not at the top: torch loads only once the flags are valid
+
     result = train(settings, progress=not as_json)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports
         return

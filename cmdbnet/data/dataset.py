@@ -89,10 +89,20 @@ class PreparedDataset(torch.utils.data.Dataset):
             self.transform.set_random_seed(torch.initial_seed() % 2**32)
             self._seeded_for = key
 
+    def _check_label(self, label: np.ndarray, path: Path) -> None:
+        """A label value that is no class and not the ignore index would crash the loss far from here."""
+        k = len(self.classes)
+        if label.size and int(label.max()) >= k:
+            bad = np.unique(label[(label >= k) & (label != self.ignore_index)])
+            if bad.size:
+                raise CmdbError(f"{path}: label value {int(bad[0])} is not a class (0..{k - 1}) nor the ignore "
+                                f"index {self.ignore_index}; re-run cmdb prepare")
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         stem = self.stems[i]
         folder = self.root / self.split
         image, label = _read_crop(folder / "images" / f"{stem}.tif", folder / "labels" / f"{stem}.tif")
+        self._check_label(label, folder / "labels" / f"{stem}.tif")
         image, label = np.moveaxis(image, 0, -1), label[0]  # (H, W, C) and (H, W) for albumentations
         self._seed_worker()
         out = self.transform(image=image, mask=label)

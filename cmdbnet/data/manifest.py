@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cmdbnet.data.raw import RasterInfo, RawScan, RawTile
 from cmdbnet.data.registry import BandChoice, DatasetSpec
@@ -28,7 +29,36 @@ FORMAT = "cmdbnet-prepared"
 VERSION = 1
 DONE_DIR = ".cmdb-done"
 SPLIT_ORDER = ("train", "val", "test")
-REQUIRED_KEYS = ("dataset", "classes", "palette", "ignore_index", "crop", "band_count", "dtype", "splits", "crops")
+
+
+class ManifestSchema(BaseModel):
+    """What readers rely on in manifest.json; other keys are kept as they are."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format: str
+    version: int = Field(ge=1)
+    dataset: str
+    classes: list[str] = Field(min_length=1, max_length=254)
+    palette: list[tuple[int, int, int]]
+    ignore_index: int = Field(ge=0, le=255)
+    crop: int = Field(ge=1)
+    band_count: int = Field(ge=1)
+    dtype: str
+    splits: dict[str, dict[str, int]]
+    crops: dict[str, list[str]]
+    mean: list[float] | None = None  # per-band statistics of non-8-bit data
+    std: list[float] | None = None
+
+
+def _schema_error(path: Path, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        got = err.get("input")
+        shown = "" if isinstance(got, (dict, list)) or err.get("type") == "missing" else f" (got {got!r})"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}{shown}")
+    return f"not a prepared folder: {path}: " + "; ".join(parts)
 
 
 def crop_paths(out: Path, split: str, stem: str) -> tuple[Path, Path]:
@@ -150,7 +180,11 @@ def read_manifest(prepared_dir: str | os.PathLike) -> dict[str, Any]:
         raise CmdbError(f"not a prepared folder: {path} is not valid JSON ({exc}): {hint}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CmdbError(f"not a prepared folder: {path} is not a cmdbnet manifest: {hint}")
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise CmdbError(f"not a prepared folder: {path} lacks {', '.join(missing)}: {hint}")
-    return manifest
+    try:
+        checked = ManifestSchema.model_validate(manifest)
+    except ValidationError as exc:
+        raise CmdbError(f"{_schema_error(path, exc)}: {hint} again") from None
+    if len(checked.palette) != len(checked.classes):
+        raise CmdbError(f"not a prepared folder: {path}: palette has {len(checked.palette)} colours for "
+                        f"{len(checked.classes)} classes: {hint} again")
+    return {**manifest, **checked.model_dump(exclude_unset=True, exclude={"palette"})}

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import sys
+import threading
+import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -32,6 +35,8 @@ from affine import Affine
 from rasterio.errors import NotGeoreferencedWarning
 
 from cmdbnet.data.manifest import (
+    DONE_DIR,
+    SPLIT_ORDER,
     build_manifest,
     check_out,
     crop_paths,
@@ -47,6 +52,7 @@ from cmdbnet.progress import progress_bar
 from cmdbnet.utils import atomic_path
 
 EDGE_RULE = "last crop of a row/column shifted back to end at the tile edge (overlaps its neighbour)"
+NONFINITE_POLICY = "NaN/inf image pixels: every band set to 0, label set to the ignore index"
 
 
 class PrepareWarning(UserWarning):
@@ -117,13 +123,15 @@ def _write_tif(path: Path, array: np.ndarray, profile: dict[str, Any]) -> None:
 def cut_tile(job: TileJob, on_strip: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Write the crops of ``job.rows``; on any failure remove the crops it wrote, then re-raise.
 
-    Returns ``{"crops": stems, "counts": pixels per label value (256), "files": {what: record}}``.
+    Returns ``{"crops": stems, "counts": pixels per label value (256), "files": {what: record},
+    "nonfinite": pixels}``; NaN/inf pixels are handled as ``NONFINITE_POLICY`` says.
     """
     spec, tile, info, crop = get_spec(job.dataset), job.tile, job.info, job.crop
     decoder = LabelDecoder(spec, job.eroded)
     out = Path(job.out)
     cols = axis_starts(info.width, crop, job.stride)
     counts = np.zeros(256, np.int64)
+    nonfinite = 0
     written: list[Path] = []
     stems: list[str] = []
     try:
@@ -134,6 +142,8 @@ def cut_tile(job: TileJob, on_strip: Callable[[int], None] | None = None) -> dic
             # reads every crop many times, so no codec on either side.
             image_profile = {"driver": "GTiff", "height": crop, "width": crop, "count": info.count,
                              "dtype": info.dtype, "nodata": img.nodata, "interleave": "band", **geo}
+            if info.count == 4:  # RGBIR: the fourth band is data, never an alpha mask
+                image_profile["photometric"] = "MINISBLACK"
             label_profile = {"driver": "GTiff", "height": crop, "width": crop, "count": 1, "dtype": "uint8",
                              "nodata": spec.ignore_index, **geo}
             for y in job.rows:
@@ -141,6 +151,12 @@ def cut_tile(job: TileJob, on_strip: Callable[[int], None] | None = None) -> dic
                 index = decoder(read_rows(lab, y, crop, "label"))
                 if (index == UNKNOWN).any():
                     raise decoder.off_palette_error(lab)
+                if strip.dtype.kind == "f":
+                    bad = ~np.isfinite(strip).all(axis=0)
+                    if bad.any():
+                        nonfinite += int(bad.sum())
+                        strip[:, bad] = 0
+                        index[bad] = spec.ignore_index
                 for x in cols:
                     stem = f"{tile.key}_{y:05d}_{x:05d}"
                     where = {"transform": window_transform(img.transform, y, x)} if geo else {}
@@ -156,7 +172,7 @@ def cut_tile(job: TileJob, on_strip: Callable[[int], None] | None = None) -> dic
                     on_strip(len(cols))
         root = Path(job.root)
         files = {what: _file_record(getattr(tile, what), root) for what in job.checksums}
-        return {"crops": stems, "counts": counts.tolist(), "files": files}
+        return {"crops": stems, "counts": counts.tolist(), "files": files, "nonfinite": nonfinite}
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
@@ -201,7 +217,8 @@ class _Assembler:
         record = {"key": key, "tile_id": tile.tile_id, "split": tile.split, "listed": tile.listed,
                   "image": files["image"], "label": files["label"], "height": job.info.height,
                   "width": job.info.width, "crs": job.info.crs, "crops": sorted(s for p in parts for s in p["crops"]),
-                  "class_pixels": counts[:self.k].tolist(), "ignored": int(counts[self.ignore])}
+                  "class_pixels": counts[:self.k].tolist(), "ignored": int(counts[self.ignore]),
+                  "nonfinite": sum(p.get("nonfinite", 0) for p in parts)}
         mark_done(self.out, tile, self.params, record)
         self.records[key] = record
 
@@ -215,6 +232,37 @@ class _Assembler:
                         path.unlink(missing_ok=True)
 
 
+def _die_with_parent(parent: int) -> None:
+    """Pool worker start-up: exit as soon as prepare's process dies, even by SIGKILL.
+
+    Why: orphaned workers otherwise keep writing crops into the output folder, then wait
+    forever. Linux: the kernel's parent-death signal; elsewhere a thread watching the parent.
+    Workers ignore Ctrl-C: the parent stops the pool, and no worker prints a traceback.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: prepare itself stops the pool
+    if sys.platform.startswith("linux"):
+        import ctypes  # Linux only
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the line above ran
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def remove_stale_parts(out: Path) -> None:
+    """Delete temporary files (``.<name>.*.part*``) that a killed run left in the output folder."""
+    for folder in [out, out / DONE_DIR] + [out / s / k for s in SPLIT_ORDER for k in ("images", "labels")]:
+        if folder.is_dir():
+            for stale in folder.glob(".*.part*"):
+                stale.unlink(missing_ok=True)
+
+
 def _run_jobs(jobs: list[TileJob], workers: int, progress: bool, add: Callable[[TileJob, dict], None]) -> None:
     """Cut in this process (workers 0) or a process pool; stop at the first error."""
     total = sum(len(j.rows) * len(axis_starts(j.info.width, j.crop, j.stride)) for j in jobs)
@@ -226,7 +274,8 @@ def _run_jobs(jobs: list[TileJob], workers: int, progress: bool, add: Callable[[
             for job in jobs:
                 add(job, cut_tile(job, on_strip=lambda n: bar.advance(task, n)))
             return
-        pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)))
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=_die_with_parent,
+                                   initargs=(os.getpid(),))
         futures = {pool.submit(cut_tile, job): job for job in jobs}
         added = set()
         try:
@@ -273,6 +322,7 @@ def prepare(dataset: str, root: str | os.PathLike, out: str | os.PathLike, crop:
                         + ", ".join(f"{c} x {d}" for c, d in sorted(kinds)))
     params = run_params(spec.name, crop, stride, band.name, eroded)
     check_out(out, root, params)
+    remove_stale_parts(out)
 
     records: dict[str, dict[str, Any]] = {}
     todo = []
@@ -293,6 +343,15 @@ def prepare(dataset: str, root: str | os.PathLike, out: str | os.PathLike, crop:
         assembler.discard_unfinished(jobs)
         raise
     records.update(assembler.records)
-    manifest = build_manifest(spec, band, params, scan, infos, [records[t.key] for t in scan.tiles], root, EDGE_RULE)
+    ordered = [records[t.key] for t in scan.tiles]
+    manifest = build_manifest(spec, band, params, scan, infos, ordered, root, EDGE_RULE)
+    bad = {t.image: r.get("nonfinite", 0) for t, r in zip(scan.tiles, ordered) if r.get("nonfinite", 0)}
+    manifest["nonfinite_pixels"] = {"policy": NONFINITE_POLICY, "total": sum(bad.values()),
+                                    "images": {str(k): v for k, v in bad.items()}}
+    if bad:
+        first = next(iter(bad))
+        warnings.warn(f"{sum(bad.values())} NaN/inf pixel(s) in {len(bad)} image(s) (e.g. {first}: {bad[first]} px): "
+                      f"set to 0 and labelled ignore ({spec.ignore_index}), so training and scores skip them",
+                      PrepareWarning, stacklevel=2)
     write_manifest(out, manifest)
     return manifest

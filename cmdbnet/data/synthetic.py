@@ -287,8 +287,12 @@ def tile_plan(spec: DatasetSpec, n: int) -> list[tuple[str, str, str]]:
     return [(str(i), "val" if i % 3 == 1 else "train", scenes[i % len(scenes)]) for i in range(n)]
 
 
-def _write_image(path: Path, array: np.ndarray, georef: dict) -> None:
-    """(C, H, W) uint8 as PNG (when the name says so) or GeoTIFF, atomically."""
+def _write_image(path: Path, array: np.ndarray, georef: dict, bands: tuple[str, ...] = ()) -> None:
+    """(C, H, W) uint8 as PNG (when the name says so) or GeoTIFF, atomically.
+
+    ``bands`` names the image's bands; the GeoTIFF tags them so (a near-infrared band is
+    never tagged alpha, which readers would take for a mask).
+    """
     with atomic_path(path) as tmp, warnings.catch_warnings():
         if path.suffix.lower() == ".png":
             from PIL import Image
@@ -296,13 +300,18 @@ def _write_image(path: Path, array: np.ndarray, georef: dict) -> None:
             Image.fromarray(array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)).save(tmp, format="PNG")
         else:
             import rasterio
+            from rasterio.enums import ColorInterp
             from rasterio.errors import NotGeoreferencedWarning
 
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             profile = {"driver": "GTiff", "height": array.shape[1], "width": array.shape[2],
                        "count": array.shape[0], "dtype": "uint8", **georef}
+            if bands and tuple(bands) != ("red", "green", "blue"):
+                profile["photometric"] = "MINISBLACK"
             with rasterio.open(tmp, "w", **profile) as dst:
                 dst.write(array)
+                if bands:
+                    dst.colorinterp = [getattr(ColorInterp, b, ColorInterp.undefined) for b in bands]
 
 
 def synth(dataset: str, out: str | os.PathLike, tiles: int = 6, size: int = 512, seed: int = 0) -> SynthScenes:
@@ -342,7 +351,7 @@ def synth(dataset: str, out: str | os.PathLike, tiles: int = 6, size: int = 512,
         images = {}
         for band in spec.bands:
             path = base / band.download_folders[0] / spec.image_template.format(id=tile_id, tag=band.tag)
-            _write_image(path, refl[[_CHANNELS.index(n) for n in band.band_names]], georef)
+            _write_image(path, refl[[_CHANNELS.index(n) for n in band.band_names]], georef, band.band_names)
             images[band.name] = path
         label_path = base / spec.label_folders[0] / spec.label_templates[0].format(id=tile_id)
         tile = SynthTile(tile_id, split, scene, images, label_path, truth)

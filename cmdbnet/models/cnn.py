@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cmdbnet.errors import CmdbError
+from cmdbnet.serialization import safe_torch_load
 
 __all__ = ["ResNetEncoder", "hub_weights_file", "load_backbone_state"]
 
@@ -44,11 +45,7 @@ def hub_weights_file(name: str) -> Path:
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CmdbError(f"backbone weights not found: {path}")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise CmdbError(f"{path}: not a readable state dict ({first})") from None
+    data = safe_torch_load(path, "state dict")
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):

@@ -3,12 +3,16 @@
 Resume is exact because every source of randomness is either keyed by
 (seed, epoch, index) (data order, augmentation) or saved in the checkpoint (torch, numpy
 and Python RNG states for drop-path and friends), and the loop only stops at optimizer-step
-boundaries: an interrupted-and-resumed fp32 CPU run ends with the same weights.
+boundaries: Ctrl-C in the middle of a step rolls that step back (BatchNorm statistics and
+RNG state included) before ``last.pt`` is written, so an interrupted-and-resumed fp32 CPU
+run ends with the same weights.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -69,10 +73,14 @@ class Trainer:
             raise CmdbError("train.fit_vram is resolved before the run starts (cmdbnet.api.resolve_fit_vram)")
         if settings.data.prepared is None:
             raise CmdbError("no prepared data: pass --data PREPARED (the output folder of cmdb prepare)")
+        self.cfg = settings.train
+        self.run_dir = Path(self.cfg.out)
+        self.fresh = not self.run_dir.exists()
+        if self.dist.is_main:
+            check_run_dir(self.run_dir, self.cfg.resume is not None, self.cfg.overwrite)
         self.manifest = read_manifest(settings.data.prepared)
         settings = settings_for_data(settings, self.manifest)
         self.cfg = settings.train
-        self.run_dir = Path(self.cfg.out)
         self.stop_after_steps, self.fault_hook = stop_after_steps, fault_hook
         self.precision = resolve_precision(self.cfg.amp, self.cfg.amp_dtype, self.device)
         self.micro_batch, self.accum = self.cfg.batch, self.cfg.accum
@@ -99,7 +107,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.cfg, self.total_steps)
         if resume is not None:
             self._restore(resume)
-        self.tb = TBLogger(self.run_dir / "tb" if self.dist.is_main else None)
+        self.tb = TBLogger(None)  # opened in fit(), once the run folder is ready
         self.ui = TrainUI(enabled=progress and self.dist.is_main)
         self.fit_note = fit_note
 
@@ -175,6 +183,7 @@ class Trainer:
         while self.batches_done < n_batches:
             group_start = self.batches_done
             group_end = min((group_start // self.accum + 1) * self.accum, n_batches)
+            rng0 = rng_state()
             batches = [next(it) for _ in range(group_end - group_start)]
             sizes = [b["label"].shape[0] for b in batches]
             weights = [s / sum(sizes) for s in sizes]
@@ -183,26 +192,25 @@ class Trainer:
             try:
                 losses, stepped = run_step_group(self.model, self.loss_fn, batches, weights, self.optimizer,
                                                  self.scaler, self.precision, self.device, self.cfg.grad_clip,
-                                                 self.dist, hook)
+                                                 self.dist, hook, lambda ok, end=group_end: self._commit(end, ok))
             except torch.OutOfMemoryError as exc:
                 self.batches_done = group_start
                 self._back_off(exc)
                 self._epoch()
                 return
-            self.batches_done = group_end
+            except KeyboardInterrupt:
+                if self.batches_done != group_end:  # interrupted before the step: roll the RNG back too
+                    set_rng_state(rng0)
+                raise
             if not stepped:
                 self.nonfinite += 1
                 self.consecutive_nonfinite += 1
                 self.tb.scalars({"train/nonfinite_skipped": self.nonfinite}, self.step)
                 self.ui.log(f"non-finite loss at step {self.step}: step skipped ({self.nonfinite} so far)")
                 if self.consecutive_nonfinite >= self.cfg.max_nonfinite:
-                    self.save("last.pt")
-                    raise CmdbError(f"stopping: {self.consecutive_nonfinite} non-finite losses in a row "
-                                    f"(lower --lr, or train with --amp-dtype bf16); last.pt saved in {self.run_dir}")
+                    self._stop_nonfinite()
                 continue
             self.consecutive_nonfinite = 0
-            self.scheduler.step()
-            self.step += 1
             dt = time.perf_counter() - t0
             imgs = sum(sizes) * self.dist.world_size
             lr = self.optimizer.param_groups[0]["lr"]
@@ -215,6 +223,23 @@ class Trainer:
                 return
             if self.stop_after_steps is not None and self.step >= self.stop_after_steps:
                 raise KeyboardInterrupt
+
+    def _commit(self, group_end: int, stepped: bool) -> None:
+        """Bookkeeping of a finished step group; runs with Ctrl-C held back (see run_step_group)."""
+        self.batches_done = group_end
+        if stepped:
+            self.scheduler.step()
+            self.step += 1
+
+    def _stop_nonfinite(self) -> None:
+        try:
+            self.save("last.pt")
+            saved = f"last.pt (the last finite state) saved in {self.run_dir}"
+        except CmdbError:
+            saved = "no checkpoint written: the weights themselves are non-finite"
+        raise CmdbError(f"stopping: {self.consecutive_nonfinite} non-finite losses in a row; likely causes, in "
+                        "order: NaN/inf pixels in the input (cmdb prepare reports them), a too high learning "
+                        f"rate (lower --lr), fp16 overflow (--amp-dtype bf16 or --no-amp); {saved}")
 
     def _time_up(self) -> bool:
         """Whether the time budget is spent; ranks agree so none waits alone in a collective."""
@@ -239,8 +264,9 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.t_start = time.monotonic()
         if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            prepare_run_dir(self.run_dir, self.cfg.overwrite and self.cfg.resume is None)
             write_text_atomic(self.run_dir / "settings.yaml", self.settings.to_yaml())
+            self.tb = TBLogger(self.run_dir / "tb")
         for note in (self.fit_note, self.precision.note):
             if note:
                 self.ui.log(note)
@@ -272,6 +298,11 @@ class Trainer:
             self.tb.close()
             barrier(self.dist)
             raise
+        except BaseException:
+            self.tb.close()
+            if self.fresh and self.dist.is_main and not any(self.run_dir.glob("*.pt")):
+                shutil.rmtree(self.run_dir, ignore_errors=True)  # a failed new run leaves nothing behind
+            raise
         finally:
             self.ui.stop()
         self.tb.close()
@@ -283,6 +314,36 @@ class Trainer:
         return (f"{self.settings.model.variant} on {self.device} | {self.precision.label} | micro-batch "
                 f"{self.micro_batch} x accum {self.accum} x {self.dist.world_size} rank(s) | "
                 f"crop {self.settings.data.crop} | {self.total_steps} steps")
+
+
+RUN_FILES = ("best.pt", "last.pt", "settings.yaml")
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a run folder that cannot be made, or that holds a run this one would replace."""
+    parent = run_dir
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise CmdbError(f"--out {run_dir}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CmdbError(f"--out {run_dir}: cannot write in {parent} (permission denied)")
+    held = [n for n in RUN_FILES[:2] if (run_dir / n).is_file()]  # settings.yaml alone: nothing to lose
+    if held and not resume and not overwrite:
+        raise CmdbError(f"{run_dir} already holds a run ({', '.join(held)}): continue it with --resume {run_dir}, "
+                        "or start over with --overwrite")
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Create the run folder; drop temporary files a killed run left, and the old run on --overwrite."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:
+        for stale in run_dir.glob(f".{name}.*.part*"):
+            stale.unlink(missing_ok=True)
+    if overwrite:
+        for name in RUN_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "tb", ignore_errors=True)
 
 
 def train(settings: Settings, progress: bool = True, stop_after_steps: int | None = None,
