@@ -11,10 +11,11 @@ number of window rows) of consecutive *window rows* of the sliding-window grid. 
 predicts its window rows plus the earlier window rows whose windows still overlap its first
 rows (``window.first_window_row``: 1 extra row at overlap 0.25), and keeps only the rows its
 own window rows finish: those are the same numbers, bit for bit, as a one-process run. Each
-band is written as a hidden part file (``.<stem>_<product>.band<k>of<n>.tif``) beside the
-output; when all bands are done one rank copies them, in the strips a one-process run
-writes, into the final product and deletes the parts. A killed run keeps the finished
-parts, so a re-run predicts only the missing bands.
+band is written as a hidden part file (``.<stem>_<product>.band<k>of<n>.part.tif``) beside
+the output; when all bands are done one rank copies them, in the strips a one-process run
+writes, into the final product and deletes the parts. A killed run loses the parts of a
+split raster (the next run deletes them and predicts that raster again): bands are meant
+for rasters a few times a rank's share, not for runs that take days.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def assign(units: list[Unit], world: int) -> list[list[Unit]]:
 
 def band_paths(plan: dict[str, Path], part: int, parts: int) -> dict[str, Path]:
     """Hidden part files of band ``part`` beside each final product."""
-    return {name: p.parent / f".{p.stem}.band{part}of{parts}.tif" for name, p in plan.items()}
+    return {name: p.parent / f".{p.stem}.band{part}of{parts}.part.tif" for name, p in plan.items()}
 
 
 def gather(obj: Any, info: DistInfo) -> list[Any]:

@@ -223,7 +223,7 @@ class StripPredictor:
         """
         gy, gx = self.grids(height, width)
         i0, i1 = window_rows if window_rows is not None else (0, gy.count)
-        j0 = first_window_row(gy, i0)
+        first = first_window_row(gy, i0)
         dev = self.device
         wy = torch.from_numpy(ramp_weight(gy.tile, gy.stride)).to(dev)
         wx = torch.from_numpy(ramp_weight(gx.tile, gx.stride)).to(dev)
@@ -235,7 +235,7 @@ class StripPredictor:
         acc = bacc = None
         next_row = 0  # first image row not yet emitted
         for i, y0 in enumerate(gy.origins()):
-            if i < j0 or i >= i1:
+            if i < first or i >= i1:
                 continue
             rows = reflect_index(np.arange(y0, y0 + gy.tile), height)
             strip = torch.from_numpy(np.ascontiguousarray(read(rows, cols))).to(dev, non_blocking=True)
