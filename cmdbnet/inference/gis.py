@@ -116,7 +116,7 @@ def _vrt_xml(kept: list[tuple[Path, Any]], ref, out: Path) -> str:
     y0 = max(s.bounds.top for _, s in kept)
     x1 = max(s.bounds.right for _, s in kept)
     y1 = min(s.bounds.bottom for _, s in kept)
-    w, h = round((x1 - x0) / rx), round((y1 - y0) / -ry)
+    w, h = round((x1 - x0) / rx), round((y1 - y0) / ry)
     root = ET.Element("VRTDataset", rasterXSize=str(w), rasterYSize=str(h))
     ET.SubElement(root, "SRS", dataAxisToSRSAxisMapping="1,2").text = ref.crs.to_wkt()
     ET.SubElement(root, "GeoTransform").text = ", ".join(repr(float(v)) for v in (x0, rx, 0.0, y0, 0.0, ry))

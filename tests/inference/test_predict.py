@@ -381,7 +381,8 @@ def test_several_inputs_folder_naming_and_summary(ckpt, tmp_path):
     res = run_cli("predict", str(tmp_path / "*.tif"), "-o", tmp_path / "masks", "-k", tmp_path,
                   "--tile", 64, "--format", "color")
     assert res.exit_code == 0, res.output
-    assert sorted(os.listdir(tmp_path / "masks")) == ["a_color.tif", "b_color.tif", "mosaic.vrt", "predict_summary.json"]
+    assert sorted(os.listdir(tmp_path / "masks")) == ["a_color.tif", "b_color.tif", "mosaic.vrt",
+                                                      "predict_summary.json"]
     assert "Mpx/s" in res.stdout and "a_color.tif" in res.stdout
     res = run_cli("predict", tmp_path / "a.tif", tmp_path / "b.tif", "-o", tmp_path / "x.tif", "-k", ckpt)
     assert res.exit_code != 0 and "need an output folder" in res.stderr

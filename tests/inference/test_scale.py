@@ -16,90 +16,32 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
 import torch
-from rasterio.transform import from_origin
 from typer.testing import CliRunner
 
-from cmdbnet.checkpoint import save_checkpoint
 from cmdbnet.cli import app
-from cmdbnet.data.registry import ISPRS_CLASSES, ISPRS_PALETTE
 from cmdbnet.errors import CmdbError
 from cmdbnet.inference.files import predict
 from cmdbnet.inference.resume import LOCK_NAME
 from cmdbnet.inference.shards import assign, make_units, split_rows
 from cmdbnet.inference.window import StripPredictor, axis_grid, emitted_rows
-from cmdbnet.settings import IMAGENET_MEAN, IMAGENET_STD, ModelSettings, PredictSettings, Settings
+from cmdbnet.settings import IMAGENET_MEAN, IMAGENET_STD, PredictSettings
 
-GSD = 0.5
-# name, rows, cols, seed, (col, row) of its north-west corner on a shared 0.5 m grid
-LAYOUT = [("big", 320, 320, 1, (0, 0)), ("a", 128, 128, 2, (320, 0)), ("b", 96, 160, 3, (320, 128)),
-          ("c", 128, 96, 4, (0, 320)), ("d", 160, 128, 5, (96, 320))]
+N_INPUTS = 5  # conftest's LAYOUT: big (320 x 320, split into bands under 2 ranks), a, b, c, d
 FLAGS = ["--tile", "64", "--overlap", "0.25", "--batch", "4", "--format", "both", "--probs", "--device", "cpu"]
 SETTINGS = PredictSettings(tile=64, overlap=0.25, batch=4, format="both", probs=True, device="cpu")
 
 
-def scene(h: int, w: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = np.stack([60 * np.sin(rng.uniform(0.01, 0.05) * yy + rng.uniform(0.01, 0.05) * xx + c) for c in range(3)])
-    img += 120 + rng.normal(0, 10, img.shape)
-    for _ in range(h * w // 3000):
-        y, x = rng.integers(0, h - 8), rng.integers(0, w - 8)
-        img[:, y:y + 12, x:x + 12] += rng.uniform(-100, 100, (3, 1, 1))
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
-def write_tif(path: Path, h: int, w: int, seed: int, corner=(0, 0), crs="EPSG:32633") -> Path:
-    transform = from_origin(368000.0 + corner[0] * GSD, 5808000.0 - corner[1] * GSD, GSD, GSD)
-    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=3, dtype="uint8", crs=crs,
-                       transform=transform, tiled=True, blockxsize=64, blockysize=64, compress="deflate") as d:
-        d.write(scene(h, w, seed))
-    return path
-
-
-def make_folder(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, h, w, seed, corner in LAYOUT:
-        write_tif(folder / f"{name}.tif", h, w, seed, corner)
-    return folder
-
-
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    from cmdbnet.models import build_model
-
-    torch.manual_seed(0)
-    settings = Settings(model=ModelSettings(backbone="resnet18", mamba_depths=[1, 1, 1, 1],
-                                            mamba_dims=[16, 32, 64, 128], fusion_channels=32, pretrained="off",
-                                            drop_path=0.0))
-    net = build_model(settings.model)
-    for mod in net.modules():  # statistics from scenes, so masks follow the image (several classes)
-        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-            mod.reset_running_stats()
-            mod.momentum = None
-    crops = torch.from_numpy(np.stack([scene(96, 96, seed=10 + i) for i in range(4)])).float()
-    with torch.no_grad():
-        net.train()((crops - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1))
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    dataset = {"name": "potsdam", "classes": list(ISPRS_CLASSES), "palette": [list(p) for p in ISPRS_PALETTE],
-               "ignore_index": 255, "bands": "rgb", "band_count": 3, "dtype": "uint8",
-               "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
-    save_checkpoint(path, {"model": net.state_dict(), "settings": settings.model_dump(mode="json"),
-                           "dataset": dataset})
-    return path
-
-
-@pytest.fixture(scope="module")
-def reference(ckpt, tmp_path_factory):
+def reference(tiny_ckpt, tmp_path_factory, city):
     """An uninterrupted one-process run over the folder: (inputs, outputs, summaries).
 
     One thread, as each torchrun rank has (OMP_NUM_THREADS=1): with another thread count
     oneDNN sums in another order and a few float16 probabilities move by one step.
     """
     root = tmp_path_factory.mktemp("ref")
-    inputs = make_folder(root / "in")
-    summaries = predict1(inputs, root / "out", ckpt, SETTINGS)
+    inputs = city.make_folder(root / "in")
+    summaries = predict1(inputs, root / "out", tiny_ckpt, SETTINGS)
     return inputs, root / "out", summaries
 
 
@@ -144,11 +86,11 @@ def test_plan_balances_pixels_and_cuts_a_huge_raster_into_bands():
 
 
 @pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5, 0.75])
-def test_bands_of_window_rows_give_the_whole_run_bit_for_bit(ckpt, overlap):
+def test_bands_of_window_rows_give_the_whole_run_bit_for_bit(tiny_ckpt, overlap, city):
     from cmdbnet.checkpoint import load_model
 
-    model, _ = load_model(ckpt)
-    img = scene(200, 136, seed=9)
+    model, _ = load_model(tiny_ckpt)
+    img = city.scene(200, 136, seed=9)
     sp = StripPredictor(model, IMAGENET_MEAN, IMAGENET_STD, 64, overlap, "none", 3, "cpu", probs=True)
 
     def read(rows, cols):
@@ -179,7 +121,7 @@ def test_two_ranks_write_the_same_bytes_as_one_process(reference, tmp_path):
     res = torchrun(inputs, "-o", tmp_path / "out", "-k", reference_ckpt(ref_summaries), *FLAGS)
     assert res.returncode == 0, res.stderr[-3000:]
     assert tifs(tmp_path / "out") == tifs(ref_out)
-    assert len(tifs(ref_out)) == 3 * len(LAYOUT)
+    assert len(tifs(ref_out)) == 3 * N_INPUTS
     report = json.loads((tmp_path / "out" / "predict_summary.json").read_text())
     assert report["ranks"] == 2 and report["error"] is None and report["skipped"] == 0
     assert len(report["checkpoint_sha256"]) == 64 and report["settings"]["tile"] == 64
@@ -194,7 +136,7 @@ def reference_ckpt(summaries) -> str:
     return summaries[0]["checkpoint"]
 
 
-def test_a_rank_that_fails_lets_the_other_finish_and_a_rerun_completes(reference, tmp_path):
+def test_a_rank_that_fails_lets_the_other_finish_and_a_rerun_completes(reference, tmp_path, city):
     """One raster is cut short on disk: its rank stops there, the other rank finishes its
     whole shard; once the file is restored a re-run predicts only what is missing."""
     inputs, ref_out, ref_summaries = reference
@@ -205,10 +147,10 @@ def test_a_rank_that_fails_lets_the_other_finish_and_a_rerun_completes(reference
     out = tmp_path / "out"
     res = torchrun(folder, "-o", out, "-k", reference_ckpt(ref_summaries), *FLAGS)
     assert res.returncode != 0 and "cannot read" in res.stderr and "d.tif" in res.stderr
-    names = [n for n, *_ in LAYOUT]
+    names = [n for n, *_ in city.layout]
     done = {p.name for p in out.glob("[!.]*.tif")}
-    rows = [axis_grid(h, 64, 0.25).count for _, h, *_ in LAYOUT]
-    shards = assign(make_units([h * w for _, h, w, *_ in LAYOUT], rows, 2), 2)
+    rows = [axis_grid(h, 64, 0.25).count for _, h, *_ in city.layout]
+    shards = assign(make_units([h * w for _, h, w, *_ in city.layout], rows, 2), 2)
     healthy = next(s for s in shards if all(names[u.file] != "d" for u in s))
     assert "d_mask.tif" not in done
     assert {f"{names[u.file]}_mask.tif" for u in healthy if u.parts == 1} <= done, done  # finished its shard
@@ -236,7 +178,7 @@ def test_rerun_skips_complete_outputs_and_redoes_a_truncated_one(reference, tmp_
     assert tifs(out) == tifs(ref_out)
     res = CliRunner().invoke(app, ["predict", str(inputs), "-o", str(out), "-k", reference_ckpt(ref_summaries),
                                    *FLAGS])
-    assert res.exit_code == 0 and res.stdout.count("skipped") == len(LAYOUT), res.output
+    assert res.exit_code == 0 and res.stdout.count("skipped") == N_INPUTS, res.output
     again = predict1(inputs, out, reference_ckpt(ref_summaries), SETTINGS, overwrite=True)
     assert not any(s.get("skipped") for s in again) and tifs(out) == tifs(ref_out)
     other = predict(inputs, out, reference_ckpt(ref_summaries), SETTINGS.model_copy(update={"overlap": 0.5}),
