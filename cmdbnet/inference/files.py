@@ -121,8 +121,8 @@ def predict(inputs: str | os.PathLike | Iterable[str | os.PathLike], out: str | 
     ``vector_classes``, default all). Under torchrun every rank calls this (module doc).
     """
     s = settings or PredictSettings()
+    owns_group = not dist.is_initialized()
     dinfo = init_distributed(s.device, PREDICT_TIMEOUT)
-    owns_group = dinfo.enabled
     try:
         items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
         files = expand_inputs(items)
