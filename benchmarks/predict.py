@@ -16,6 +16,12 @@ run; ``--light`` and ``--size`` give a quicker check of the same code path.
     python benchmarks/predict.py                       # default network, 6000 x 6000
     python benchmarks/predict.py --light --size 3000 --repeat 2   # minutes
     python benchmarks/predict.py --light --input top_potsdam_2_10_RGB.tif --preview /tmp/p.png
+
+``--ranks N`` (folder mode): ``--files`` generated tiles of ``--size`` predicted by one process,
+by ``torchrun --nproc-per-node N`` (gloo on CPU, one thread per rank as torchrun sets), and by
+one process with ``--cog`` and with ``--vector``; prints wall time, Mpx/s and load average.
+
+    python benchmarks/predict.py --ranks 2 --files 16 --size 2048 --light
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -31,20 +38,24 @@ from pathlib import Path
 import numpy as np
 
 LIGHT = dict(backbone="resnet18", mamba_dims=[32, 64, 128, 256], mamba_depths=[1, 1, 2, 1], fusion_channels=64)
+TINY = dict(backbone="resnet18", mamba_dims=[16, 32, 64, 128], mamba_depths=[1, 1, 1, 1], fusion_channels=32)
 RSS_LIMIT = 2.5 * 2**30
 RATIO_LIMIT = 1.25
 
 
-def write_scene(path: Path, size: int, block: int = 512) -> None:
-    """A georeferenced size x size 3-band uint8 GeoTIFF with aerial-ish texture, block by block."""
+def write_scene(path: Path, size: int, block: int = 512, seed: int = 0, col: int = 0, row: int = 0) -> None:
+    """A georeferenced size x size 3-band uint8 GeoTIFF with aerial-ish texture, block by block.
+
+    ``col``, ``row``: its place on a grid of such tiles (for mosaics)."""
     import rasterio
     from rasterio.transform import from_origin
     from rasterio.windows import Window
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     waves = rng.uniform(0.002, 0.03, (3, 4, 2)), rng.uniform(0, 6.3, (3, 4))
     prof = dict(driver="GTiff", width=size, height=size, count=3, dtype="uint8", crs="EPSG:32633",
-                transform=from_origin(368000.0, 5808000.0, 0.05, 0.05), tiled=True, blockxsize=256,
+                transform=from_origin(368000.0 + col * size * 0.05, 5808000.0 - row * size * 0.05, 0.05, 0.05),
+                tiled=True, blockxsize=256,
                 blockysize=256, compress="deflate")
     tmp = path.with_suffix(".part.tif")
     with rasterio.open(tmp, "w", **prof) as dst:
@@ -60,7 +71,7 @@ def write_scene(path: Path, size: int, block: int = 512) -> None:
     os.replace(tmp, path)
 
 
-def make_checkpoint(path: Path, light: bool) -> None:
+def make_checkpoint(path: Path, light: bool | str) -> None:
     import torch
 
     from cmdbnet.checkpoint import save_checkpoint
@@ -69,7 +80,8 @@ def make_checkpoint(path: Path, light: bool) -> None:
     from cmdbnet.settings import IMAGENET_MEAN, IMAGENET_STD, ModelSettings, Settings
 
     torch.manual_seed(0)
-    settings = Settings(model=ModelSettings(pretrained="off", **(LIGHT if light else {})))
+    arch = TINY if light == "tiny" else LIGHT if light else {}
+    settings = Settings(model=ModelSettings(pretrained="off", **arch))
     net = build_model(settings.model)
     dataset = {"name": POTSDAM.name, "classes": list(POTSDAM.classes),
                "palette": [list(p) for p in POTSDAM.palette], "ignore_index": POTSDAM.ignore_index,
@@ -137,11 +149,63 @@ def preview_png(color_tif: str, png: str, max_side: int = 1024) -> None:
         dst.write(data)
 
 
+# ----------------------------------------------------------------------------- --ranks
+def _timed(cmd: list[str], env: dict) -> dict:
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode:
+        raise SystemExit(f"failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+    return {"seconds": time.perf_counter() - t0, "load": (load0 + os.getloadavg()[0]) / 2}
+
+
+def ranks_benchmark(a) -> int:
+    """A folder of ``--files`` generated tiles: 1 rank vs ``--ranks``, and --cog / --vector vs plain."""
+    folder = Path(a.workdir) / f"city_{a.files}x{a.size}"
+    folder.mkdir(parents=True, exist_ok=True)
+    side = max(1, round(a.files ** 0.5))
+    for i in range(a.files):
+        path = folder / f"tile_{i:03d}.tif"
+        if not path.exists():
+            write_scene(path, a.size, seed=i, col=i % side, row=i // side)
+    net = "tiny" if a.tiny else "light" if a.light else "default"
+    ckpt = Path(a.workdir) / f"{net}.pt"
+    make_checkpoint(ckpt, "tiny" if a.tiny else a.light)
+    flags = ["-k", str(ckpt), "--tile", str(a.tile), "--overlap", str(a.overlap), "--batch", str(a.batch),
+             "--device", "cpu"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    one = [sys.executable, "-m", "cmdbnet", "predict", str(folder)]
+    many = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.ranks}",
+            "-m", "cmdbnet", "predict", str(folder)]
+    runs = {}
+    for name, cmd in [("1 rank", one), (f"{a.ranks} ranks", many), ("1 rank --cog", one + ["--cog"]),
+                      ("1 rank --vector", one + ["--vector", str(Path(a.workdir) / "vec" / "city.gpkg")])]:
+        out = Path(a.workdir) / f"out_{name.replace(' ', '_').replace('-', '')}"
+        shutil.rmtree(out, ignore_errors=True)
+        runs[name] = dict(_timed(cmd + ["-o", str(out)] + flags, env), out=out)
+        print(f"{name}: {runs[name]['seconds']:.1f} s (load {runs[name]['load']:.2f})", flush=True)
+    mpx = a.files * a.size * a.size / 1e6
+    base, par = runs["1 rank"], runs[f"{a.ranks} ranks"]
+    same = sum((base["out"] / p.name).read_bytes() == p.read_bytes() for p in par["out"].glob("*_mask.tif"))
+    print(f"\n{a.files} tiles of {a.size} x {a.size} ({mpx:.1f} Mpx), network {net}, "
+          f"tile {a.tile}, {os.cpu_count()} CPUs\n")
+    print("| run | wall s | Mpx/s | vs 1 rank | load avg |\n|---|---|---|---|---|")
+    for name, r in runs.items():
+        print(f"| {name} | {r['seconds']:.1f} | {mpx / r['seconds']:.3f} | {r['seconds'] / base['seconds']:.2f} x "
+              f"| {r['load']:.2f} |")
+    print(f"\nspeed-up {a.ranks} ranks vs 1: {base['seconds'] / par['seconds']:.2f} x; masks byte-identical: "
+          f"{same}/{a.files}")
+    report = json.loads((runs["1 rank --vector"]["out"] / "predict_summary.json").read_text())
+    print(f"polygons written by --vector: {report['polygons']}")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=6000, help="side of the generated GeoTIFF")
     p.add_argument("--input", help="predict this raster instead of a generated one")
     p.add_argument("--light", action="store_true", help="small network (resnet18, thin Mamba) for quick runs")
+    p.add_argument("--tiny", action="store_true", help="folder mode: the tests' tiny network (fastest)")
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--overlap", type=float, default=0.25)
     p.add_argument("--batch", type=int, default=8)
@@ -149,6 +213,8 @@ def main() -> int:
     p.add_argument("--workdir", default="/tmp/cmdb-bench-predict")
     p.add_argument("--preview", help="write a PNG rendering of the colour output here")
     p.add_argument("--repeat", type=int, default=1, help="alternate bare/predict runs; report the fastest of each")
+    p.add_argument("--ranks", type=int, help="folder mode: 1 rank vs this many torchrun ranks, --cog, --vector")
+    p.add_argument("--files", type=int, default=16, help="folder mode: generated tiles of --size (default 16)")
     p.add_argument("--child", choices=["predict", "bare"], help=argparse.SUPPRESS)
     p.add_argument("--child-args", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -156,6 +222,8 @@ def main() -> int:
         fn = child_predict if a.child == "predict" else child_bare
         print(json.dumps(fn(json.loads(a.child_args))), flush=True)
         return 0
+    if a.ranks:
+        return ranks_benchmark(a)
 
     import torch
 

@@ -10,6 +10,7 @@ import contextlib
 import os
 import random
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -91,10 +92,11 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device_name: str) -> DistInfo:
+def init_distributed(device_name: str, timeout: timedelta | None = None) -> DistInfo:
     """Join the process group torchrun describes in the environment (no-op when alone).
 
-    NCCL on CUDA, gloo on CPU: the gloo path is what the tests run.
+    NCCL on CUDA, gloo on CPU: the gloo path is what the tests run. ``timeout`` bounds how
+    long a collective waits for the slowest rank (torch's default when None).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -105,7 +107,8 @@ def init_distributed(device_name: str) -> DistInfo:
         use_cuda = device_name != "cpu" and torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        kwargs = {"timeout": timeout} if timeout is not None else {}
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", **kwargs)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
 
 

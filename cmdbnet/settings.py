@@ -140,6 +140,7 @@ class PredictSettings(_Section):
     boundary: bool = Field(False, description="also write the boundary probability (uint8, value/255)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(False, description="mixed precision: fp16 on CUDA, bf16 on CPU")
+    cog: bool = Field(False, description="write Cloud-Optimised GeoTIFFs (overviews, for web maps and QGIS)")
 
     @field_validator("tile")
     @classmethod

@@ -29,6 +29,7 @@ _COMMAND_MODULES = (
     "demo",
     "profile_vram",
     "count_params",
+    "weights",
 )
 
 for _name in _COMMAND_MODULES:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -14,6 +16,8 @@ from cmdbnet.utils import format_bytes
 def summary_line(s: dict) -> str:
     """One line per file: what was read, how fast, and where the products went."""
     outs = ", ".join(s["outputs"].values())
+    if s.get("skipped"):
+        return f"{Path(s['input']).name}: complete from an earlier run, skipped -> {outs}"
     return (f"{Path(s['input']).name}: {s['width']}x{s['height']} px, {s['bands']} bands, "
             f"{s['windows']} windows in {s['seconds']:.1f} s ({s['mpx_per_s']:.2f} Mpx/s, "
             f"strip buffer {format_bytes(s['accumulator_bytes'])}) -> {outs}")
@@ -40,6 +44,13 @@ def predict_command(
                                             help="Also write the boundary probability (uint8, value/255)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (default auto)."),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (fp16 on CUDA, bf16 on CPU)."),
+    cog: Optional[bool] = typer.Option(None, "--cog/--no-cog",
+                                       help="Cloud-Optimised GeoTIFFs: overviews, streamable by QGIS and web maps."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Predict again even where complete outputs of an identical run exist."),
+    vector: Optional[Path] = typer.Option(None, "--vector", help="Also write the masks' polygons to this .gpkg."),
+    vector_classes: Optional[str] = typer.Option(None, "--vector-classes",
+                                                 help="Comma-separated classes to polygonise (default all)."),
     config: Optional[Path] = ConfigOption,
     as_json: bool = JsonFlag,
 ) -> None:
@@ -58,13 +69,27 @@ def predict_command(
       cmdb predict tiles/ -o masks/ -k runs/potsdam --format both --tta flip
 
       cmdb predict "scenes/*.png" -o out/ -k best.pt --probs --boundary --json
+
+      torchrun --nproc-per-node 4 -m cmdbnet predict city/ -o masks/ -k best.pt --cog --vector city.gpkg
+
+    A folder run writes mosaic.vrt and predict_summary.json beside the masks; re-running it
+    skips outputs that are complete.
     """
-    from cmdbnet.inference.files import predict
+
+    from cmdbnet.inference.files import PredictNote, predict
 
     settings = settings_from(config, predict={
         "tile": tile, "overlap": overlap, "tta": tta, "batch": batch, "format": fmt,
-        "probs": probs, "boundary": boundary, "device": device, "amp": amp})
-    summaries = predict(inputs, out, checkpoint, settings.predict, progress=not as_json)
+        "probs": probs, "boundary": boundary, "device": device, "amp": amp, "cog": cog})
+    classes = [c.strip() for c in vector_classes.split(",") if c.strip()] if vector_classes else None
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always", PredictNote)
+        summaries = predict(inputs, out, checkpoint, settings.predict, progress=not as_json,
+                            overwrite=overwrite, vector=vector, vector_classes=classes)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 reports for all
+    for note in notes:
+        typer.echo(f"cmdb: note: {note.message}", err=True)
     if as_json:
         print_json(summaries)
     else:

@@ -11,45 +11,60 @@ Every check that can fail (checkpoint, inputs, output paths) runs before the fir
 is predicted, and outputs are written under temporary names and renamed only when the
 whole file succeeded: a failure never leaves a half-written mask that looks finished.
 
+Many processes: under ``torchrun --nproc-per-node N -m cmdbnet predict`` the inputs are
+sharded across ranks by pixel count, a raster too big for one rank is split into bands of
+window rows (``shards``), each rank writes its own outputs, and rank 0 writes
+``predict_summary.json``. A re-run skips outputs that are verifiably complete (``resume``),
+and one lock file keeps two runs out of the same output folder. ``--cog``, the VRT mosaic
+and ``--vector`` are in ``gis``; what happens to one file is in ``writing``.
+
 ``forward_tta`` and ``predict_array`` (re-exported here) are the in-memory entry points
 for ``cmdb evaluate``; they share the window and blend code with the raster path.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 import os
 import time
+import warnings
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import rasterio
 import torch
-from rasterio.errors import RasterioError
-from rasterio.windows import Window
-from rich.progress import TimeElapsedColumn
+import torch.distributed as dist
 
 from cmdbnet.checkpoint import load_model, resolve_checkpoint
 from cmdbnet.errors import CmdbError
-from cmdbnet.inference.rasters import (
-    ModelMeta,
-    ProductWriter,
-    check_input,
-    expand_inputs,
-    gdal_reason,
-    open_raster,
-    plan_outputs,
-    quiet_georef,
+from cmdbnet.inference.gis import check_vector, merge_polygon_parts, polygonise, write_polygons, write_vrt
+from cmdbnet.inference.rasters import OUTPUT_EXTS, ModelMeta, check_input, expand_inputs, plan_outputs
+from cmdbnet.inference.resume import (
+    RunLock,
+    clean_parts,
+    file_sha256,
+    input_fingerprint,
+    lock_path,
+    output_complete,
+    run_fingerprint,
 )
-from cmdbnet.inference.window import Strip, StripPredictor, forward_tta, predict_array
-from cmdbnet.progress import progress_bar
-from cmdbnet.runtime import pick_device
+from cmdbnet.inference.shards import PREDICT_TIMEOUT, Unit, assign, band_paths, gather, make_units
+from cmdbnet.inference.window import StripPredictor, emitted_rows, forward_tta, predict_array
+from cmdbnet.inference.writing import Progress, assemble, finish_summary, merge_band_summaries, predict_file
+from cmdbnet.runtime import DistInfo, init_distributed, pick_device
 from cmdbnet.settings import PredictSettings
-from cmdbnet.utils import atomic_path
+from cmdbnet.utils import write_text_atomic
 
-__all__ = ["predict", "forward_tta", "predict_array", "pick_device", "load_predictor_model"]
+__all__ = ["predict", "forward_tta", "predict_array", "pick_device", "load_predictor_model", "PredictNote"]
+
+SUMMARY_NAME = "predict_summary.json"
+MOSAIC_NAME = "mosaic.vrt"
+
+
+class PredictNote(UserWarning):
+    """Something a run left out on purpose (a raster outside the mosaic's CRS, ...)."""
+
 
 def load_predictor_model(checkpoint: str | os.PathLike, device: torch.device):
     """Network, metadata and its output layout (classes K, boundary head) from a checkpoint.
@@ -77,138 +92,261 @@ def load_predictor_model(checkpoint: str | os.PathLike, device: torch.device):
                         f"names {len(meta.classes)}")
     return model, ckpt, meta, bnd is not None
 
-def gdal_options() -> dict[str, Any]:
-    """GDAL's block cache defaults to 5% of RAM; strips need a few rows of blocks, so cap it.
-
-    Without the cap the cache keeps every block read or written (about 150 MB for a
-    6000 x 6000 RGB tile and its mask; more for larger rasters), growing with the raster,
-    which is what streaming is meant to avoid. A GDAL_CACHEMAX set by the user wins.
-    """
-    opts: dict[str, Any] = {"GDAL_TIFF_INTERNAL_MASK": True}
-    if "GDAL_CACHEMAX" not in os.environ:
-        opts["GDAL_CACHEMAX"] = 64 * 2**20
-    return opts
 
 
-class _Progress:
-    """Rich progress over all windows of all files, with Mpx/s; silent when disabled."""
+def _on_main(info: DistInfo, fn) -> None:
+    """Run ``fn`` on rank 0 only; its CmdbError is raised on every rank."""
+    msg = None
+    if info.is_main:
+        try:
+            fn()
+        except CmdbError as exc:
+            msg = str(exc)
+    msg = gather(msg, info)[0]
+    if msg:
+        raise CmdbError(msg)
 
-    def __init__(self, enabled: bool, total: int):
-        self.bar = None
-        if enabled and total:
-            self.bar = progress_bar("{task.description}", "windows  {task.fields[rate]}", TimeElapsedColumn())
-            self.task = self.bar.add_task("predict", total=total, rate="")
-
-    def __enter__(self) -> _Progress:
-        if self.bar:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar:
-            self.bar.stop()
-
-    def file(self, name: str) -> None:
-        if self.bar:
-            self.bar.update(self.task, description=name)
-
-    def advance(self, n: int, mpx: float, seconds: float) -> None:
-        """``n`` more windows; ``mpx`` megapixels of the current file done in ``seconds``."""
-        if self.bar:
-            rate = f"{mpx / seconds:.2f} Mpx/s" if seconds > 0 else ""
-            self.bar.update(self.task, advance=n, rate=rate)
 
 def predict(inputs: str | os.PathLike | Iterable[str | os.PathLike], out: str | os.PathLike,
             checkpoint: str | os.PathLike, settings: PredictSettings | None = None,
-            progress: bool = True) -> list[dict[str, Any]]:
+            progress: bool = True, overwrite: bool = False, vector: str | os.PathLike | None = None,
+            vector_classes: list[str] | None = None) -> list[dict[str, Any]]:
     """Segment every input raster into GeoTIFF products; returns one summary per file.
 
     ``inputs``: files, folders or glob patterns. ``out``: a .tif file for a single input,
-    else a folder (``<stem>_mask.tif``, ``_color``, ``_probs``, ``_boundary``).
-    ``checkpoint``: a checkpoint file or a run folder (best.pt, else last.pt).
+    else a folder (``<stem>_mask.tif``, ``_color``, ``_probs``, ``_boundary``, plus
+    ``mosaic.vrt`` and ``predict_summary.json``). ``checkpoint``: a checkpoint file or a run
+    folder (best.pt, else last.pt). Complete outputs of an earlier identical run are
+    skipped unless ``overwrite``. ``vector``: a GeoPackage of the mask's polygons (classes
+    ``vector_classes``, default all). Under torchrun every rank calls this (module doc).
     """
     s = settings or PredictSettings()
-    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    files = expand_inputs(items)
-    plans = plan_outputs(files, out, s)
-    device = pick_device(s.device)
-    ckpt_path = resolve_checkpoint(checkpoint)
-    model, ckpt, meta, has_boundary = load_predictor_model(ckpt_path, device)
-    if s.boundary and not has_boundary:
-        variant = (ckpt.get("settings") or {}).get("model", {}).get("variant", "?")
-        raise CmdbError(f"{ckpt_path}: this network (variant {variant}) has no boundary head; drop --boundary")
-    infos = [check_input(f, meta) for f in files]
-    predictor = StripPredictor(model, meta.mean, meta.std, s.tile, s.overlap, s.tta, s.batch,
-                               device, s.amp, boundary=s.boundary, probs=s.probs)
-    total = sum(predictor.count_windows(i.height, i.width) for i in infos)
-    summaries = []
-    with _Progress(progress, total) as bar:
-        for info, plan in zip(infos, plans):
-            bar.file(info.path.name)
-            summary = _predict_file(predictor, info, plan, meta, ckpt_path, bar)
-            summary.update(device=str(device), tile=s.tile, overlap=s.overlap, tta=s.tta,
-                           batch=s.batch, amp=s.amp, checkpoint=str(ckpt_path))
-            summaries.append(summary)
-    return summaries
+    owns_group = not dist.is_initialized()
+    dinfo = init_distributed(s.device, PREDICT_TIMEOUT)
+    try:
+        items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+        files = expand_inputs(items)
+        plans = plan_outputs(files, out, s)
+        out = Path(out)
+        single = not out.is_dir() and out.suffix.lower() in OUTPUT_EXTS
+        run = _Run(s, files, plans, checkpoint, dinfo, progress, overwrite)
+        run.vector = Path(vector) if vector else None
+        run.vector_ids = check_vector(run.vector, vector_classes, run.meta.classes)
+        if run.vector and "mask" not in plans[0]:
+            raise CmdbError("--vector traces the class-index mask: use --format index or both")
+        lock = RunLock(lock_path(out, single), out)
+        _on_main(dinfo, lambda: (lock.acquire(), clean_parts(out.parent if single else out)))
+        try:
+            return run.go(None if single else out)
+        finally:
+            lock.release()
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def _predict_file(predictor: StripPredictor, info, plan: dict[str, Path], meta: ModelMeta,
-                  ckpt_path: Path, bar: _Progress) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    k = len(meta.classes)
-    counts = np.zeros(256, np.int64)
-    n_windows = predictor.count_windows(info.height, info.width)
-    done = [0]
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(rasterio.Env(**gdal_options()))
-        src = stack.enter_context(open_raster(info.path))
-        tmp = {name: stack.enter_context(atomic_path(path)) for name, path in plan.items()}
-        writer = ProductWriter(src, info, meta, tmp, {"source": info.path.name,
-                                                      "checkpoint": ckpt_path.name,
-                                                      "software": "cmdbnet"})
-        stack.callback(writer.close)  # closes before the renames above run
+class _Run:
+    """One predict run on one rank: survey, shard, predict, assemble, mosaic, vectorise, report."""
 
-        def read(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-            r0, r1, c0, c1 = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
+    def __init__(self, s: PredictSettings, files: list[Path], plans: list[dict[str, Path]],
+                 checkpoint: str | os.PathLike, dinfo: DistInfo, progress: bool, overwrite: bool):
+        self.s, self.files, self.plans, self.dinfo = s, files, plans, dinfo
+        self.progress, self.overwrite = progress and dinfo.is_main, overwrite
+        self.device = pick_device(s.device, dinfo.local_rank)
+        self.ckpt_path = resolve_checkpoint(checkpoint)
+        self.model, ckpt, self.meta, has_boundary = load_predictor_model(self.ckpt_path, self.device)
+        if s.boundary and not has_boundary:
+            variant = (ckpt.get("settings") or {}).get("model", {}).get("variant", "?")
+            raise CmdbError(f"{self.ckpt_path}: this network (variant {variant}) has no boundary head; "
+                            "drop --boundary")
+        self.predictor = StripPredictor(self.model, self.meta.mean, self.meta.std, s.tile, s.overlap, s.tta,
+                                        s.batch, self.device, s.amp, boundary=s.boundary, probs=s.probs)
+        self.vector: Path | None = None
+        self.vector_ids: list[int] = []
+        self.notes: list[str] = []
+
+    def go(self, folder: Path | None) -> list[dict[str, Any]]:
+        t0 = time.time()
+        self.ckpt_sha = file_sha256(self.ckpt_path)
+        self.run_fp = run_fingerprint(self.ckpt_sha, self.s)
+        self.survey = self._survey()
+        results = gather(self._work(), self.dinfo)
+        summaries = self._collect(results)
+        error = next((r["error"] for r in results if r["error"]), None)
+        if not error:
+            error = next((e for e in gather(self._assemble(results), self.dinfo) if e), None)
+        if not error and self.vector is not None:
+            error = self._vectorise()
+        if not error and folder is not None and self.dinfo.is_main:
+            self._mosaic(folder)
+        if folder is not None and self.dinfo.is_main and (summaries or not error):  # a run that made nothing
+            self._write_summary(folder, summaries, error, time.time() - t0)
+        gather(None, self.dinfo)  # nobody returns (and releases the lock) before rank 0 is done
+        if error:
+            raise CmdbError(error)
+        for note in self.notes:
+            warnings.warn(note, PredictNote, stacklevel=3)
+        return summaries
+
+    def _survey(self) -> list[tuple[Any, str, bool]]:
+        """(InputInfo, fingerprint, complete) per input; ranks share the header reads."""
+        mine: dict[int, tuple[Any, str, bool]] = {}
+        error = None
+        for i in range(self.dinfo.rank, len(self.files), self.dinfo.world_size):
             try:
-                with quiet_georef():
-                    block = src.read(list(info.indexes), window=Window(c0, r0, c1 - c0, r1 - r0))
-            except RasterioError as exc:
-                raise CmdbError(f"cannot read {info.path} rows {r0}-{r1}: {gdal_reason(exc)}") from None
-            return block[:, (rows - r0)[:, None], (cols - c0)[None, :]]
+                info = check_input(self.files[i], self.meta)
+            except CmdbError as exc:
+                error = (i, str(exc))
+                break
+            fp = input_fingerprint(self.run_fp, self.files[i])
+            done = not self.overwrite and all(output_complete(p, fp, info.width, info.height)
+                                              for p in self.plans[i].values())
+            mine[i] = (info, fp, done)
+        results = gather({"items": mine, "error": error}, self.dinfo)
+        errors = sorted(r["error"] for r in results if r["error"])
+        if errors:
+            raise CmdbError(errors[0][1])
+        merged: dict[int, tuple[Any, str, bool]] = {}
+        for r in results:
+            merged.update(r["items"])
+        return [merged[i] for i in range(len(self.files))]
 
-        def emit(strip: Strip) -> None:
-            h = strip.index.shape[0]
-            valid = None
-            if info.has_mask:
-                with quiet_georef():
-                    valid = src.dataset_mask(window=Window(0, strip.row0, info.width, h)) > 0
-            writer.write_strip(strip.row0, strip.index, valid, strip.probs, strip.boundary)
-            idx = strip.index if valid is None else strip.index[valid]
-            counts[:] += np.bincount(idx.ravel(), minlength=256)
+    def _units(self) -> list[list[Unit]]:
+        todo = [i for i, (_, _, done) in enumerate(self.survey) if not done]
+        infos = [self.survey[i][0] for i in todo]
+        rows = [self.predictor.grids(inf.height, inf.width)[0].count for inf in infos]
+        units = make_units([inf.width * inf.height for inf in infos], rows, self.dinfo.world_size)
+        return assign([replace(u, file=todo[u.file]) for u in units], self.dinfo.world_size)
 
-        def on_batch(n: int) -> None:
-            done[0] += n
-            bar.advance(n, info.width * info.height * done[0] / n_windows / 1e6, time.perf_counter() - t0)
+    def _band(self, u: Unit) -> tuple[int, int, int, int]:
+        info = self.survey[u.file][0]
+        gy = self.predictor.grids(info.height, info.width)[0]
+        spans = emitted_rows(gy)
+        i0, i1 = u.rows
+        return i0, i1, spans[i0][0], spans[i1 - 1][1]
 
-        predictor.run(read, info.height, info.width, emit, on_batch)
-    seconds = time.perf_counter() - t0
-    mpx = info.width * info.height / 1e6
-    valid_px = int(counts[:k].sum())
-    strip_shape = list(predictor.strip_shape or ())
-    return {
-        "input": str(info.path),
-        "outputs": {name: str(path) for name, path in plan.items()},
-        "width": info.width,
-        "height": info.height,
-        "bands": len(info.indexes),
-        "georeferenced": info.georeferenced,
-        "windows": n_windows,
-        "seconds": round(seconds, 3),
-        "mpx_per_s": round(mpx / seconds, 4) if seconds > 0 else None,
-        "strip_shape": strip_shape,
-        "accumulator_bytes": int(np.prod(strip_shape)) * 4 if strip_shape else 0,
-        "nodata_pixels": int(info.width * info.height - valid_px),
-        "class_fractions": {c: round(float(counts[i]) / valid_px, 6) if valid_px else 0.0
-                            for i, c in enumerate(meta.classes)},
-    }
+    def _tags(self, i: int) -> dict[str, str]:
+        return {"source": self.files[i].name, "checkpoint": self.ckpt_path.name, "software": "cmdbnet",
+                "cmdb_fingerprint": self.survey[i][1]}
+
+    def _work(self) -> dict[str, Any]:
+        """Predict this rank's shard; stops at its first error, other ranks carry on."""
+        self.shards = self._units()
+        mine = self.shards[self.dinfo.rank]
+        summaries, error = [], None
+        total = sum(self.predictor.count_windows(self.survey[u.file][0].height, self.survey[u.file][0].width,
+                                                 u.rows) for u in mine)
+        with Progress(self.progress, total) as bar:
+            for u in mine:
+                info, plan = self.survey[u.file][0], self.plans[u.file]
+                bar.file(info.path.name + (f" band {u.part + 1}/{u.parts}" if u.parts > 1 else ""))
+                band = self._band(u) if u.parts > 1 else None
+                out = band_paths(plan, u.part, u.parts) if band else plan
+                try:
+                    summary = predict_file(self.predictor, info, out, self.meta, self._tags(u.file), bar,
+                                           self.s.cog, band)
+                except CmdbError as exc:
+                    error = str(exc)
+                    break
+                summaries.append({**summary, "file": u.file, "part": u.part, "parts": u.parts,
+                                  "rank": self.dinfo.rank})
+        return {"summaries": summaries, "error": error}
+
+    def _collect(self, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One summary per input in input order: predicted (bands merged), skipped, or none if failed."""
+        by_file: dict[int, list[dict[str, Any]]] = {}
+        for r in results:
+            for s in r["summaries"]:
+                by_file.setdefault(s["file"], []).append(s)
+        out = []
+        for i, (info, _, done) in enumerate(self.survey):
+            plan = self.plans[i]
+            if done:
+                out.append({"input": str(self.files[i]), "outputs": {n: str(p) for n, p in plan.items()},
+                            "width": info.width, "height": info.height, "skipped": True})
+                continue
+            parts = sorted(by_file.get(i, []), key=lambda s: s["part"])
+            if not parts or len(parts) < parts[0]["parts"]:
+                continue
+            s = parts[0] if len(parts) == 1 else merge_band_summaries(parts, plan)
+            s = finish_summary({k: v for k, v in s.items() if k not in ("file", "part", "parts")},
+                               self.meta.classes)
+            s.update(device=str(self.device), tile=self.s.tile, overlap=self.s.overlap, tta=self.s.tta,
+                     batch=self.s.batch, amp=self.s.amp, checkpoint=str(self.ckpt_path))
+            out.append(s)
+        return out
+
+    def _assemble(self, results: list[dict[str, Any]]) -> str | None:
+        """This rank's share of split rasters: copy their bands into the final products."""
+        if any(r["error"] for r in results):
+            return None
+        split = sorted({s["file"] for r in results for s in r["summaries"] if s["parts"] > 1})
+        for k, i in enumerate(split):
+            if k % self.dinfo.world_size != self.dinfo.rank:
+                continue
+            units = sorted((u for shard in self.shards for u in shard if u.file == i), key=lambda u: u.part)
+            parts = [(*self._band(u)[2:], band_paths(self.plans[i], u.part, u.parts)) for u in units]
+            try:
+                assemble(self.predictor, self.survey[i][0], self.plans[i], self.meta, self._tags(i), parts,
+                         self.s.cog)
+            except CmdbError as exc:
+                return str(exc)
+        return None
+
+    def _vectorise(self) -> str | None:
+        """Each rank traces its share of masks into a part; rank 0 merges them into one GeoPackage."""
+        assert self.vector is not None
+        world, rank = self.dinfo.world_size, self.dinfo.rank
+        shards = assign([Unit(i, 0, 1, None, inf.width * inf.height) for i, (inf, _, _) in enumerate(self.survey)],
+                        world)
+        part = self.vector.parent / f".{self.vector.name}.rank{rank}.part.gpkg"
+        sets, notes, error, ref_crs = [], [], None, None
+        try:
+            ref_crs = polygonise(self.plans[0]["mask"], [], self.meta.classes)["crs"]
+            for u in shards[rank]:
+                p = polygonise(self.plans[u.file]["mask"], self.vector_ids, self.meta.classes)
+                if p["crs"] != ref_crs:
+                    notes.append(f"--vector: {self.plans[u.file]['mask'].name} is in another CRS than "
+                                 f"{self.plans[0]['mask'].name}; its polygons are left out of {self.vector.name}")
+                    continue
+                sets.append(p)
+            part.parent.mkdir(parents=True, exist_ok=True)
+            part.unlink(missing_ok=True)
+            write_polygons(part, sets, ref_crs)
+        except (CmdbError, OSError) as exc:
+            error = str(exc)
+        results = gather({"part": str(part), "notes": notes, "error": error}, self.dinfo)
+        error = next((r["error"] for r in results if r["error"]), None)
+        if self.dinfo.is_main:
+            try:
+                if not error:
+                    self.polygons = merge_polygon_parts([Path(r["part"]) for r in results], self.vector, ref_crs)
+                    self.notes += [n for r in results for n in r["notes"]]
+            except CmdbError as exc:
+                error = str(exc)
+            finally:
+                for r in results:
+                    Path(r["part"]).unlink(missing_ok=True)
+        return gather(error, self.dinfo)[0]
+
+    def _mosaic(self, folder: Path) -> None:
+        product = "mask" if "mask" in self.plans[0] else "color"
+        paths = [p[product] for p in self.plans if p[product].is_file()]
+        self.vrt, notes = write_vrt(paths, folder / MOSAIC_NAME)
+        self.notes += [n for n in notes if not n.startswith("no georeferenced")]
+
+    def _write_summary(self, folder: Path, summaries: list[dict[str, Any]], error: str | None,
+                       seconds: float) -> None:
+        report = {
+            "checkpoint": str(self.ckpt_path), "checkpoint_sha256": self.ckpt_sha,
+            "settings": self.s.model_dump(mode="json"), "ranks": self.dinfo.world_size,
+            "seconds": round(seconds, 3), "error": error,
+            "inputs": [str(f) for f in self.files],
+            "outputs": [o for s in summaries for o in s["outputs"].values()],
+            "skipped": sum(1 for s in summaries if s.get("skipped")),
+            "mosaic": str(getattr(self, "vrt", None) or "") or None,
+            "vector": str(self.vector) if self.vector and not error else None,
+            "polygons": getattr(self, "polygons", None),
+            "notes": self.notes, "files": summaries,
+        }
+        write_text_atomic(folder / SUMMARY_NAME, json.dumps(report, indent=2, default=str) + "\n")

@@ -30,6 +30,7 @@ import numpy as np
 import rasterio
 from rasterio.enums import ColorInterp, MaskFlags
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.windows import Window
 
 from cmdbnet.errors import CmdbError
 from cmdbnet.palette import palette_lut
@@ -304,9 +305,17 @@ class ProductWriter:
             where = next(iter(self.paths.values())).parent
             raise CmdbError(f"cannot {what} output in {where}: {gdal_reason(exc)}") from None
 
-    def _write(self, row0: int, index: np.ndarray, valid: np.ndarray | None, probs, boundary) -> None:
-        from rasterio.windows import Window
+    def copy_rows(self, name: str, part, part_row: int, row0: int, h: int) -> None:
+        """Rows of an already written product (a band part) into product ``name``, mask included."""
+        w = self.info.width
+        src_win, win = Window(0, part_row, w, h), Window(0, row0, w, h)
+        with self._io("write"):
+            d = self.dst[name]
+            d.write(part.read(window=src_win), window=win)
+            if name == "boundary" and self.info.has_mask:
+                d.write_mask(part.read_masks(1, window=src_win), window=win)
 
+    def _write(self, row0: int, index: np.ndarray, valid: np.ndarray | None, probs, boundary) -> None:
         h, w = index.shape
         win = Window(0, row0, w, h)
         if valid is not None:

@@ -198,18 +198,26 @@ class StripPredictor:
     def grids(self, height: int, width: int) -> tuple[AxisGrid, AxisGrid]:
         return (axis_grid(height, self.tile[0], self.overlap), axis_grid(width, self.tile[1], self.overlap))
 
-    def count_windows(self, height: int, width: int) -> int:
+    def count_windows(self, height: int, width: int, window_rows: tuple[int, int] | None = None) -> int:
         gy, gx = self.grids(height, width)
-        return gy.count * gx.count
+        if window_rows is None:
+            return gy.count * gx.count
+        return (window_rows[1] - first_window_row(gy, window_rows[0])) * gx.count
 
     def run(self, read: Reader, height: int, width: int, emit: Callable[[Strip], None],
-            on_batch: Callable[[int], None] | None = None) -> None:
+            on_batch: Callable[[int], None] | None = None,
+            window_rows: tuple[int, int] | None = None) -> None:
         """Predict an image of ``height`` x ``width`` read through ``read``; ``emit`` gets strips.
 
         ``read(rows, cols)`` returns raw pixels (C, len(rows), len(cols)) for in-image row
         and column indices; ``on_batch(n)`` is told after each batch of ``n`` windows.
+        ``window_rows=(i0, i1)`` emits only the rows that window rows i0..i1-1 finish
+        (``emitted_rows``), the same values as a whole run gives them: the earlier window
+        rows that still overlap them are run too, and their own rows are dropped.
         """
         gy, gx = self.grids(height, width)
+        i0, i1 = window_rows if window_rows is not None else (0, gy.count)
+        first = first_window_row(gy, i0)
         dev = self.device
         wy = torch.from_numpy(ramp_weight(gy.tile, gy.stride)).to(dev)
         wx = torch.from_numpy(ramp_weight(gx.tile, gx.stride)).to(dev)
@@ -221,6 +229,8 @@ class StripPredictor:
         acc = bacc = None
         next_row = 0  # first image row not yet emitted
         for i, y0 in enumerate(gy.origins()):
+            if i < first or i >= i1:
+                continue
             rows = reflect_index(np.arange(y0, y0 + gy.tile), height)
             strip = torch.from_numpy(np.ascontiguousarray(read(rows, cols))).to(dev, non_blocking=True)
             for j0 in range(0, gx.count, self.batch):
@@ -243,7 +253,9 @@ class StripPredictor:
             last = i == gy.count - 1
             done = y0 + (gy.tile if last else gy.stride)  # rows before this are final
             r0, r1 = max(next_row, y0), min(done, height)
-            if r1 > r0:
+            if r1 > r0 and i < i0:
+                next_row = r1  # finished by window rows outside this band: not ours to emit
+            elif r1 > r0:
                 a, b = r0 - y0, r1 - y0
                 norm = cov_y[r0:r1, None] * cov_x[None, :]
                 acc_rows = acc[:, a:b, c0:c0 + width]
@@ -262,6 +274,23 @@ class StripPredictor:
                 if bacc is not None:
                     bacc[:keep] = bacc[gy.stride:].clone()
                     bacc[keep:] = 0
+
+
+def first_window_row(gy: AxisGrid, i0: int) -> int:
+    """First window row whose windows reach the rows that window row ``i0`` finishes."""
+    reach = -(-gy.tile // gy.stride) - 1  # earlier window rows overlapping window row i0
+    return max(0, i0 - reach)
+
+
+def emitted_rows(gy: AxisGrid) -> list[tuple[int, int]]:
+    """Image rows ``[r0, r1)`` finished (and emitted) after each window row; may be empty."""
+    out, prev = [], 0
+    for i, y0 in enumerate(gy.origins()):
+        done = y0 + (gy.tile if i == gy.count - 1 else gy.stride)
+        r1 = max(prev, min(done, gy.size))
+        out.append((prev, r1))
+        prev = r1
+    return out
 
 
 def whole_tile(height: int, width: int, multiple: int = 32) -> tuple[int, int]:

@@ -4,23 +4,23 @@ Why torchvision and its own key names: users already hold ``resnet34-*.pth`` fil
 torch hub cache, a colleague, an air-gapped mirror), and the peers' most common complaint is
 pretrained weights that silently failed to load. Keeping torchvision's module names lets such a
 file load strictly, and every way of getting weights either loads all of them or says why not.
-Weights are never downloaded while a model is built: a training job on a cluster node without
-internet must fail (``required``) or warn (``auto``) at once, not hang on a socket.
+Missing weights are fetched into torchvision's cache (``cmdbnet.weights``) with a timeout of a
+few seconds: a training job on a cluster node without internet fails (``required``) or warns
+(``auto``) at once instead of hanging on a socket. ``off`` never looks.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlparse
 
 import torch
 import torchvision
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from cmdbnet import weights as imagenet
 from cmdbnet.errors import CmdbError
 from cmdbnet.serialization import safe_torch_load
 
@@ -28,18 +28,11 @@ __all__ = ["ResNetEncoder", "hub_weights_file", "load_backbone_state"]
 
 _OUT_CHANNELS = {"resnet18": [64, 128, 256, 512], "resnet34": [64, 128, 256, 512],
                  "resnet50": [256, 512, 1024, 2048]}
-_WEIGHT_ENUMS = {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights", "resnet50": "ResNet50_Weights"}
-
-
-def _weights_enum(name: str):
-    """torchvision's ImageNet weights of ``name``: IMAGENET1K_V1, the recipe every peer used."""
-    return getattr(torchvision.models, _WEIGHT_ENUMS[name]).IMAGENET1K_V1
 
 
 def hub_weights_file(name: str) -> Path:
     """Where torchvision would cache the ImageNet weights of ``name`` (it may not exist)."""
-    url = _weights_enum(name).url
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+    return imagenet.cached_file(name)
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -115,17 +108,24 @@ class ResNetEncoder(nn.Module):
         if pretrained == "off":
             return "random"
         cached = hub_weights_file(self.name)
+        why = ""
+        if not cached.is_file():
+            try:
+                imagenet.fetch(self.name, timeout=imagenet.AUTO_TIMEOUT_S)
+            except CmdbError as exc:
+                why = f" ({exc})"
         if cached.is_file():
             load_backbone_state(self, _read_state_dict(cached), str(cached))
             return str(cached)
-        advice = (f"download {_weights_enum(self.name).url} into {cached.parent}/ "
+        url = imagenet.weights_url(self.name)
+        advice = (f"download {url} into {cached.parent}/ (cmdb weights fetch {self.name}, then copy the file) "
                   f"or set model.backbone_weights to a local {self.name} state dict")
         if pretrained == "required":
-            raise CmdbError(f"ImageNet weights for {self.name} are not cached ({cached} missing) and "
-                            f"model.pretrained=required: {advice}")
-        warnings.warn(f"ImageNet weights for {self.name} not cached; the CNN branch starts from random "
-                      f"init (expect lower accuracy): {advice}, or set model.pretrained=off to silence this",
-                      UserWarning, stacklevel=2)
+            raise CmdbError(f"ImageNet weights for {self.name} are not cached ({cached} missing) and could not "
+                            f"be downloaded{why}; model.pretrained=required: {advice}")
+        warnings.warn(f"ImageNet weights for {self.name} not cached and not downloaded{why}; the CNN branch "
+                      f"starts from random init (expect lower accuracy): {advice}, or set model.pretrained=off "
+                      "to silence this", UserWarning, stacklevel=2)
         return "random"
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:

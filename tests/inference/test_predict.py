@@ -232,7 +232,8 @@ def test_real_network_tiles_blend_without_seams(ckpt, big_run):
 
 def test_outputs_keep_georeferencing_palette_and_metadata(big_run):
     src, out, summary = big_run
-    assert sorted(os.listdir(out)) == ["tile_boundary.tif", "tile_color.tif", "tile_mask.tif", "tile_probs.tif"]
+    assert sorted(os.listdir(out)) == ["mosaic.vrt", "predict_summary.json", "tile_boundary.tif", "tile_color.tif",
+                                       "tile_mask.tif", "tile_probs.tif"]
     with rasterio.open(src) as s, rasterio.open(out / "tile_mask.tif") as m:
         assert (m.crs, m.transform, m.width, m.height) == (s.crs, s.transform, s.width, s.height)
         assert m.dtypes[0] == "uint8" and m.nodata == 255 and m.block_shapes[0] == (256, 256)
@@ -380,7 +381,8 @@ def test_several_inputs_folder_naming_and_summary(ckpt, tmp_path):
     res = run_cli("predict", str(tmp_path / "*.tif"), "-o", tmp_path / "masks", "-k", tmp_path,
                   "--tile", 64, "--format", "color")
     assert res.exit_code == 0, res.output
-    assert sorted(os.listdir(tmp_path / "masks")) == ["a_color.tif", "b_color.tif"]
+    assert sorted(os.listdir(tmp_path / "masks")) == ["a_color.tif", "b_color.tif", "mosaic.vrt",
+                                                      "predict_summary.json"]
     assert "Mpx/s" in res.stdout and "a_color.tif" in res.stdout
     res = run_cli("predict", tmp_path / "a.tif", tmp_path / "b.tif", "-o", tmp_path / "x.tif", "-k", ckpt)
     assert res.exit_code != 0 and "need an output folder" in res.stderr

@@ -254,6 +254,7 @@ def test_backbone_weights_from_the_hub_cache(tmp_path, monkeypatch):
 
 def test_missing_pretrained_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("CMDB_WEIGHTS_URL", "http://127.0.0.1:9/models/")  # nothing listens: offline
     with pytest.raises(CmdbError, match="resnet18-f37072fd.pth.*model.backbone_weights"):
         build(small(pretrained="required"))
     with pytest.warns(UserWarning, match="random init.*resnet18-f37072fd.pth"):
