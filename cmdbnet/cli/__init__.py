@@ -27,6 +27,7 @@ _COMMAND_MODULES = (
     "demo",
     "profile_vram",
     "count_params",
+    "doctor",
 )
 
 for _name in _COMMAND_MODULES:

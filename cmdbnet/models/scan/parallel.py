@@ -31,27 +31,26 @@ def linear_scan(a: torch.Tensor, x: torch.Tensor, reverse: bool = False) -> torc
     ``h_t = a_t h_{t+1} + x_t`` from the end. ``a`` and ``x`` have one shape; returns ``h``.
 
     Two ping-pong buffers hold the stacked pair (a, x) behind (or ahead of, in reverse) an
-    identity pad as long as the largest shift, so each level reads its shifted operand as a
-    plain slice: four ops a level (slice, slice-free mask multiply, select, addcmul).
+    identity pad (1, 0) as long as the largest shift, so each level reads its shifted operand as
+    a plain slice: three ops a level (slice, multiply, addcmul), whatever the tensors' size.
     """
     L = a.shape[-1]  # noqa: N806
     if L == 1:
         return x.clone()
     pad = 1 << ((L - 1).bit_length() - 1)  # the largest shift used: largest power of 2 below L
-    buf = a.new_empty((2, 2, *a.shape[:-1], pad + L))
+    ident = a.new_tensor([1.0, 0.0]).view(2, *(1,) * a.dim()).expand(2, *a.shape[:-1], pad)
+    pair = torch.stack((a, x))
+    first = torch.cat((pair, ident) if reverse else (ident, pair), -1)
+    bufs = [first, first.clone()]  # the clone brings its own pad
     body = slice(0, L) if reverse else slice(pad, pad + L)
-    ident = slice(L, L + pad) if reverse else slice(0, pad)
-    buf[:, 0, ..., ident] = 1.0
-    buf[:, 1, ..., ident] = 0.0
-    buf[0, 0, ..., body] = a
-    buf[0, 1, ..., body] = x
+    srcs = [b[..., body] for b in bufs]
+    decays = [s[0] for s in srcs]
     keep = a.new_tensor([0.0, 1.0]).view(2, *(1,) * a.dim())  # (a, x) * keep = (0, x)
-    srcs = [buf[i][..., body] for i in range(2)]
     cur, s = 0, 1
     while s < L:
-        shifted = buf[cur][..., s:s + L] if reverse else buf[cur][..., pad - s:pad - s + L]
+        shifted = bufs[cur][..., s:s + L] if reverse else bufs[cur][..., pad - s:pad - s + L]
         # (a, x) o (a', x') = (a a', a x' + x): one addcmul over the stacked pair
-        torch.addcmul(srcs[cur] * keep, srcs[cur][0], shifted, out=srcs[1 - cur])
+        torch.addcmul(srcs[cur] * keep, decays[cur], shifted, out=srcs[1 - cur])
         cur, s = 1 - cur, 2 * s
     return srcs[cur][1]
 
@@ -122,15 +121,13 @@ def parallel_backward(saved, delta_softplus, need, gout, glast):
     c = gy5 * Cx
     if glast is not None:
         c[..., -1] += glast.view(b, g, d // g, n)
-    a_next = torch.cat((a[..., 1:], a[..., :1]), -1)  # a_{t+1}; the wrapped last one is unused
+    a_next = torch.roll(a, -1, -1)  # a_{t+1}; the wrapped last one is unused
     gh = linear_scan(a_next, c, reverse=True)
     gC = (gy5 * h).sum(2) if need[4] else None  # noqa: N806
     gB = (gh * du).sum(2) if need[3] else None  # noqa: N806
     gdu = (gh * B.unsqueeze(2)).sum(-2).view(b, d, l)
-    # S_t = dL/d(delta_t A) = g_t a_t h_{t-1}
-    s = gh.mul_(a)
-    s[..., 1:].mul_(h[..., :-1])
-    s[..., 0] = 0.0
+    # S_t = dL/d(delta_t A) = g_t a_t h_{t-1}, h_{-1} = 0
+    s = gh.mul_(a).mul_(F.pad(h[..., :-1], (1, 0)))
     gA = (s * dt.view(b, g, d // g, 1, l)).sum((0, -1)).reshape(d, n) if need[2] else None  # noqa: N806
     gdt = (s * A.view(g, d // g, n, 1)).sum(-2).view(b, d, l).addcmul_(gdu, u)
     if delta_softplus:
