@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from cmdbnet.cli import app
 from cmdbnet.models import scan
 from cmdbnet.models.scan import dispatch
+from cmdbnet.training.console import scan_note
 
 
 @pytest.fixture(autouse=True)
@@ -62,3 +63,9 @@ def test_forced_backend_and_a_bad_one(monkeypatch):
     report = _doctor_json()  # doctor reports the error instead of failing on it
     assert all(v.startswith("error: CMDB_SCAN_BACKEND='fast' is not a scan backend")
                for v in report["scan_backend"].values())
+
+
+def test_training_start_line_names_the_backend(monkeypatch):
+    assert scan_note(torch.device("cpu")) == "selective scan on cpu: torch"
+    monkeypatch.setenv(scan.BACKEND_ENV, "torch_parallel")
+    assert scan_note(torch.device("cpu")) == "selective scan on cpu: torch_parallel"

@@ -36,7 +36,7 @@ from cmdbnet.runtime import (
     set_rng_state,
 )
 from cmdbnet.settings import Settings
-from cmdbnet.training.console import TrainUI
+from cmdbnet.training.console import TrainUI, scan_note
 from cmdbnet.training.optim import build_optimizer, build_scheduler
 from cmdbnet.training.setup import dataset_info, settings_for_data
 from cmdbnet.training.step import run_step_group
@@ -242,7 +242,7 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.run_dir / "settings.yaml", self.settings.to_yaml())
-        for note in (self.fit_note, self.precision.note):
+        for note in (self.fit_note, self.precision.note, scan_note(self.device)):
             if note:
                 self.ui.log(note)
         history: list[dict[str, Any]] = []
