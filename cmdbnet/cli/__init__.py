@@ -30,6 +30,7 @@ _COMMAND_MODULES = (
     "profile_vram",
     "count_params",
     "weights",
+    "doctor",
 )
 
 for _name in _COMMAND_MODULES:

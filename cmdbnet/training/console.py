@@ -5,10 +5,17 @@ Kept apart from the loop so the loop stays readable and tests can switch it off.
 
 from __future__ import annotations
 
+import torch
 from rich.console import Console
 from rich.progress import Progress
 
+from cmdbnet.models.scan import resolve_backend
 from cmdbnet.progress import progress_bar
+
+
+def scan_note(device: torch.device) -> str:
+    """The start-of-run line naming the selective scan this run's tensors get (``cmdb doctor`` says why)."""
+    return f"selective scan on {device.type}: {resolve_backend(device)}"
 
 
 class TrainUI:

@@ -40,7 +40,7 @@ from cmdbnet.runtime import (
     set_rng_state,
 )
 from cmdbnet.settings import Settings
-from cmdbnet.training.console import TrainUI
+from cmdbnet.training.console import TrainUI, scan_note
 from cmdbnet.training.optim import build_optimizer, build_scheduler
 from cmdbnet.training.setup import dataset_info, settings_for_data
 from cmdbnet.training.step import run_step_group
@@ -267,7 +267,7 @@ class Trainer:
             prepare_run_dir(self.run_dir, self.cfg.overwrite and self.cfg.resume is None)
             write_text_atomic(self.run_dir / "settings.yaml", self.settings.to_yaml())
             self.tb = TBLogger(self.run_dir / "tb")
-        for note in (self.fit_note, self.precision.note):
+        for note in (self.fit_note, self.precision.note, scan_note(self.device)):
             if note:
                 self.ui.log(note)
         history: list[dict[str, Any]] = []

@@ -1,7 +1,9 @@
 """Selective scan (Mamba's S6 recurrence): mamba-ssm's fused CUDA kernel when present, else ours.
 
-``dispatch`` picks the backend per call; ``chunked`` is the torch scan and its backward;
-``buffers`` how it runs on a small CPU; ``cost`` its multiply-adds.
+``dispatch`` picks the backend per call; ``chunked`` is the torch scan and its backward (CPU);
+``buffers`` how it runs on a small CPU; ``triton`` our CUDA kernels (compiled at first use);
+``parallel`` the launch-light log-depth torch scan for CUDA without Triton; ``cost`` its
+multiply-adds.
 
 Shapes and semantics are those of ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``::
 
@@ -25,13 +27,16 @@ from cmdbnet.models.scan.chunked import KEEP_ALL_MAX_N, chunk_plan, state_bytes
 from cmdbnet.models.scan.cost import scan_macs
 from cmdbnet.models.scan.dispatch import (
                                           BACKEND_ENV,
+                                          BACKENDS,
                                           ScanBackendError,
                                           ScanBackendNameError,
                                           available_backends,
+                                          backend_status,
                                           override_function,
                                           resolve_backend,
                                           selective_scan,
 )
 
-__all__ = ["BACKEND_ENV", "KEEP_ALL_MAX_N", "ScanBackendError", "ScanBackendNameError", "available_backends",
-           "chunk_plan", "override_function", "resolve_backend", "scan_macs", "selective_scan", "state_bytes"]
+__all__ = ["BACKENDS", "BACKEND_ENV", "KEEP_ALL_MAX_N", "ScanBackendError", "ScanBackendNameError",
+           "available_backends", "backend_status", "chunk_plan", "override_function", "resolve_backend",
+           "scan_macs", "selective_scan", "state_bytes"]

@@ -1,4 +1,11 @@
-"""Which scan backend runs a call, and the ``selective_scan`` entry point that dispatches to it."""
+"""Which scan backend runs a call, and the ``selective_scan`` entry point that dispatches to it.
+
+``auto`` sends CUDA tensors to mamba-ssm's fused kernel when it imports, else to our Triton
+kernels when Triton imports, else to the launch-light ``torch_parallel`` scan; CPU tensors go
+to the chunked ``torch`` scan. A Triton kernel that fails to compile or launch under ``auto``
+turns Triton off for the rest of the process, with one warning, and the call runs on
+``torch_parallel``; asked for explicitly (``CMDB_SCAN_BACKEND=triton``) the failure raises.
+"""
 
 
 from __future__ import annotations
@@ -7,17 +14,22 @@ import contextlib
 import functools
 import math
 import os
+import warnings
 
 import torch
 
 from cmdbnet.errors import CmdbError
 from cmdbnet.models.scan.chunked import ChunkedScan
+from cmdbnet.models.scan.parallel import ParallelScan
 
-__all__ = ["BACKEND_ENV", "ScanBackendError", "ScanBackendNameError", "available_backends",
-           "override_function", "resolve_backend", "selective_scan"]
+__all__ = ["BACKENDS", "BACKEND_ENV", "ScanBackendError", "ScanBackendNameError", "available_backends",
+           "backend_status", "override_function", "resolve_backend", "selective_scan"]
 
 BACKEND_ENV = "CMDB_SCAN_BACKEND"
-_BACKENDS = ("auto", "torch", "mamba_ssm")
+BACKENDS = ("auto", "torch", "torch_parallel", "triton", "mamba_ssm")
+_TRITON_FAILURE: list[str] = []  # why Triton was turned off in this process, once it was
+
+
 class ScanBackendError(CmdbError, RuntimeError):
     """The requested scan backend cannot run here; the user installs it or unsets the variable."""
 
@@ -41,31 +53,72 @@ def _mamba_ssm_import() -> tuple[object | None, str]:
     return selective_scan_fn, ""
 
 
+@functools.cache
+def _triton_import() -> tuple[object | None, str]:
+    """``(cmdbnet.models.scan.triton or None, why not)``: Triton ships with torch's Linux CUDA
+    wheels only, and a broken install can fail with anything, as mamba_ssm's can."""
+    try:
+        from cmdbnet.models.scan import triton as triton_scan  # optional dependency: triton
+    except Exception as exc:  # noqa: BLE001 - see docstring
+        return None, f"{type(exc).__name__}: {exc}"
+    triton_scan.TritonScan.on_failure = staticmethod(_triton_failed)
+    return triton_scan, ""
+
+
 def _device_is_cuda(device: torch.device | str) -> bool:
     """Whether the fused kernel can take tensors on ``device`` (a seam for tests without a GPU)."""
     return torch.device(device).type == "cuda"
 
 
+def _requested() -> str:
+    name = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ScanBackendNameError(f"{BACKEND_ENV}={name!r} is not a scan backend; use one of "
+                                   f"{', '.join(BACKENDS)}")
+    return name
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
 def available_backends() -> tuple[str, ...]:
-    """Backends that import here; ``mamba_ssm`` still needs CUDA tensors to be chosen."""
-    return ("torch", "mamba_ssm") if _mamba_ssm_import()[0] is not None else ("torch",)
+    """Backends that import here; ``mamba_ssm`` and ``triton`` still need CUDA tensors to be chosen."""
+    extra = (name for name, imp in (("triton", _triton_import), ("mamba_ssm", _mamba_ssm_import)) if imp()[0])
+    return ("torch", "torch_parallel", *extra)
+
+
+def backend_status() -> dict[str, str]:
+    """Per optional backend, ``""`` when it imports (and has not failed here) or why it cannot run."""
+    return {"triton": _TRITON_FAILURE[0] if _TRITON_FAILURE else _triton_import()[1],
+            "mamba_ssm": _mamba_ssm_import()[1]}
 
 
 def resolve_backend(device: torch.device | str) -> str:
-    """``"mamba_ssm"`` or ``"torch"`` for tensors on ``device``, honouring ``CMDB_SCAN_BACKEND``.
+    """The backend (one of ``BACKENDS`` but auto) for tensors on ``device``, honouring ``CMDB_SCAN_BACKEND``.
 
     The variable is read at every call so that a run (or a test) can switch backends without
     re-importing the model.
     """
-    name = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
-    if name not in _BACKENDS:
-        raise ScanBackendNameError(f"{BACKEND_ENV}={name!r} is not a scan backend; use one of "
-                                   f"{', '.join(_BACKENDS)}")
-    if name == "torch":
-        return "torch"
-    fn, why = _mamba_ssm_import()
+    name = _requested()
+    if name in ("torch", "torch_parallel"):
+        return name
     if name == "auto":
-        return "mamba_ssm" if fn is not None and _device_is_cuda(device) else "torch"
+        if not _device_is_cuda(device):
+            return "torch"
+        if _mamba_ssm_import()[0] is not None:
+            return "mamba_ssm"
+        return "triton" if _triton_import()[0] is not None and not _TRITON_FAILURE else "torch_parallel"
+    if name == "triton":
+        mod, why = _triton_import()
+        if mod is None:
+            raise ScanBackendError(f"{BACKEND_ENV}=triton but triton cannot be imported ({why}); it ships with "
+                                   f"torch's Linux CUDA wheels, or set {BACKEND_ENV}=auto")
+        if not _device_is_cuda(device) and not _triton_interpret():
+            raise ScanBackendError(f"{BACKEND_ENV}=triton needs CUDA tensors, got {device} (set "
+                                   f"TRITON_INTERPRET=1 to run its kernels on CPU); or set {BACKEND_ENV}=auto")
+        return "triton"
+    fn, why = _mamba_ssm_import()
     if fn is None:
         raise ScanBackendError(f"{BACKEND_ENV}=mamba_ssm but mamba_ssm cannot be imported ({why}); "
                                f"install it with `pip install cmdbnet[cuda]` (needs a CUDA toolkit), "
@@ -91,17 +144,38 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:  # noqa: N803
                              f"dividing D = {d}; got {tuple(t.shape)}")
 
 
-def _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, last):  # noqa: N803
-    # fp16/bf16 are upcast as mamba-ssm does (the decays underflow in half precision); fp64 stays,
-    # so gradcheck can run. The casts sit outside the Function: autograd then hands each
-    # gradient back in its input's dtype.
-    dtype = torch.promote_types(u.dtype, torch.float32)
+def _run(function, u, delta, A, B, C, D, z, delta_bias, delta_softplus, last, dtype=None):  # noqa: N803
+    """Run one of our autograd Functions (ChunkedScan's signature) the way mamba-ssm runs its kernel.
+
+    fp16/bf16 are upcast as mamba-ssm does (the decays underflow in half precision); fp64 stays
+    unless ``dtype`` says otherwise, so gradcheck can run. The casts sit outside the Function:
+    autograd then hands each gradient back in its input's dtype.
+    """
+    dtype = dtype or torch.promote_types(u.dtype, torch.float32)
     B, C = (t.unsqueeze(1) if t.dim() == 3 else t for t in (B, C))
     g = math.lcm(B.shape[1], C.shape[1])  # B and C in different groups (the CUDA kernel refuses it)
     B, C = (t.repeat_interleave(g // t.shape[1], dim=1) if t.shape[1] != g else t for t in (B, C))
     args = [t if t is None else t.to(dtype) for t in (u, delta, A, B, C, D, z, delta_bias)]
-    out, last_state = _scan_function().apply(*args, bool(delta_softplus))
+    out, last_state = function.apply(*args, bool(delta_softplus))
     return (out.to(u.dtype), last_state) if last else out.to(u.dtype)
+
+
+def _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, last):  # noqa: N803
+    """The chunked torch scan whatever the device or variable (benchmarks time it directly)."""
+    return _run(_scan_function(), u, delta, A, B, C, D, z, delta_bias, delta_softplus, last)
+
+
+def _triton_failed(exc: BaseException) -> bool:
+    """A Triton kernel failed to compile or launch: under ``auto``, turn Triton off for this process
+    with one warning and say "fall back" (True); asked for explicitly, say "raise" (False)."""
+    if _requested() == "triton":
+        return False
+    if not _TRITON_FAILURE:
+        _TRITON_FAILURE.append(f"its kernel failed here ({type(exc).__name__}: {str(exc).strip()[:300]})")
+        warnings.warn(f"Triton selective scan failed to compile or launch ({type(exc).__name__}: "
+                      f"{str(exc).strip()[:300]}); using the torch_parallel scan for the rest of this "
+                      f"run. Set {BACKEND_ENV}=torch_parallel to skip Triton.", RuntimeWarning, stacklevel=3)
+    return True
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,  # noqa: N803
@@ -112,10 +186,21 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,  # noqa: 
     kernel on a GPU box and the torch scan on a laptop without a code change.
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-    if resolve_backend(u.device) == "mamba_ssm":
+    backend = resolve_backend(u.device)
+    if backend == "mamba_ssm":
         return _mamba_ssm_import()[0](u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                                       delta_softplus=delta_softplus, return_last_state=return_last_state)
-    return _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if backend == "triton":
+        try:
+            return _run(_triton_import()[0].TritonScan, *args, dtype=torch.float32)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a compile or launch failure; _triton_failed decides
+            if not _triton_failed(exc):
+                raise
+        backend = "torch_parallel"
+    return _run(ParallelScan if backend == "torch_parallel" else _scan_function(), *args)
 
 
 _FUNCTION_OVERRIDE: list[type[torch.autograd.Function]] = []

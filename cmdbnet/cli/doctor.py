@@ -1,0 +1,69 @@
+"""``cmdb doctor``: what will run where (devices, versions, scan backend per device)."""
+
+from __future__ import annotations
+
+import typer
+
+from cmdbnet.cli.common import JsonFlag, cli_errors, console, print_json
+
+_WHY = {
+    "torch": "chunked torch scan (CPU)",
+    "torch_parallel": "log-depth torch scan (few kernel launches)",
+    "triton": "cmdbnet's Triton kernels (compiled at first use)",
+    "mamba_ssm": "mamba-ssm's fused CUDA kernel",
+}
+
+
+@cli_errors
+def doctor(as_json: bool = JsonFlag) -> None:
+    """Devices, torch/CUDA/cuDNN versions, and which selective scan runs on each device.
+
+    The scan runs mamba-ssm's kernel on CUDA tensors when it imports, else cmdbnet's Triton
+    kernels, else a launch-light torch scan; CPU tensors run the chunked torch scan.
+    CMDB_SCAN_BACKEND=auto|torch|torch_parallel|triton|mamba_ssm forces one.
+
+    Examples:
+
+      cmdb doctor
+
+      cmdb doctor --json
+
+      CMDB_SCAN_BACKEND=torch_parallel cmdb doctor
+    """
+    from cmdbnet.diagnostics import environment_report  # start-up time: imports torch and triton
+
+    report = environment_report()
+    if as_json:
+        print_json(report)
+        return
+    from rich.table import Table
+
+    cuda = report["cuda"] or ("ROCm " + report["hip"] if report["hip"] else "none (CPU build)")
+    console.print(f"torch {report['torch']} | CUDA {cuda} | cuDNN {report['cudnn'] or '-'} | "
+                  f"Python {report['python']} | {report['platform']}")
+    devices = Table(title="devices")
+    for col in ("device", "name", "details"):
+        devices.add_column(col)
+    for d in report["devices"]:
+        details = (f"{d['threads']} threads" if d["device"] == "cpu"
+                   else f"compute {d['capability']}, {d['memory_gib']} GiB")
+        devices.add_row(d["device"], d["name"], details)
+    if not report["cuda_available"]:
+        devices.caption = "no CUDA device visible to torch"
+    console.print(devices)
+    scans = Table(title=f"selective scan (CMDB_SCAN_BACKEND={report['scan_backend_env']})")
+    for col in ("tensors on", "backend", "what it is"):
+        scans.add_column(col)
+    for dev, backend in report["scan_backend"].items():
+        scans.add_row(dev, backend.split(":")[0], _WHY.get(backend, backend))
+    console.print(scans)
+    libs = Table(title="optional GPU libraries")
+    for col in ("library", "version", "imports", "why not"):
+        libs.add_column(col)
+    for name, info in report["optional"].items():
+        libs.add_row(name, info["version"] or "-", "yes" if info["ok"] else "no", info["reason"] or "")
+    console.print(libs)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("doctor")(doctor)

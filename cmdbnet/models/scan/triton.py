@@ -1,0 +1,307 @@
+"""The Triton selective scan: forward and backward kernels, compiled just in time at first use.
+
+One program per (batch, group, block of channels) walks L in blocks of ``BLOCK_L`` steps. Within
+a block the recurrence is a ``tl.associative_scan`` over (decay, input) pairs of a
+(channels, d_state, BLOCK_L) tile, and the state carried between blocks stays in registers.
+Chosen over a sequential loop over single steps because each block then loads its inputs as
+contiguous rows of L (a step-by-step loop reads one strided float per channel and step), and
+the interpreter (TRITON_INTERPRET=1, how the tests run it on CPU) runs a block in one numpy
+call instead of one call per step. The combine ``(a, x) o (a', x') = (a a', a' x + x')`` uses
+products of decays only, as the chunked scan does.
+
+Forward stores the state before every block (the "chunk checkpoints"). Backward walks the
+blocks in reverse: it recomputes h_{t-1} of the block from its checkpoint with one more scan
+over inputs loaded one step back, runs the reverse-time scan of the state gradient
+``g_t = C_t gy_t + a_{t+1} g_{t+1}`` (decays loaded one step ahead) with the carry
+``a_{t0} g_{t0}`` handed to the previous block, and forms every gradient from those. Sums over
+channels (dB, dC) are written per channel block and over batch (dA, dD, d delta_bias) per batch
+row, and torch adds them up: no atomics, so a result does not depend on scheduling.
+
+The kernels are built by :func:`kernels` at first use, not at import, so ``TRITON_INTERPRET``
+is read then (tests set it per test), and importing this module never needs a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import types
+
+import torch
+import triton
+import triton.language as tl
+
+from cmdbnet.models.scan.parallel import parallel_backward
+
+__all__ = ["TritonScan", "kernels"]
+
+BLOCK_L = 32
+_TILE = 2048  # channels x d_state x BLOCK_L elements per program
+
+
+def _combine(a1, x1, a2, x2):
+    return a1 * a2, a2 * x1 + x2
+
+
+def _softplus(x):
+    e = tl.exp(-tl.abs(x))
+    # log(1 + e) loses e's digits when e is tiny; its series does not
+    small = e * (1.0 - e * (0.5 - e * (1.0 / 3.0)))
+    return tl.maximum(x, 0.0) + tl.where(e < 1e-3, small, tl.log(1.0 + e))
+
+
+def _load_dt(delta_p, bias, rows, t, ok, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):  # noqa: N803
+    """(pre-softplus delta, delta) at steps ``t`` of ``rows`` (channel offsets into (B, D, L))."""
+    pre = tl.load(delta_p + rows[:, None] + t[None, :], mask=ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        pre = pre + bias[:, None]
+    dt = pre
+    if SOFTPLUS:
+        dt = _softplus(pre)
+    return pre, dt
+
+
+def _load_bc(ptr, base, sn, sl, offs_n, t, mask_n, mask_t):
+    return tl.load(ptr + base + offs_n[:, None] * sn + t[None, :] * sl,
+                   mask=mask_n[:, None] & mask_t[None, :], other=0.0).to(tl.float32)
+
+
+def _fwd(u_p, delta_p, A_p, B_p, C_p, D_p, z_p, bias_p, out_p, states_p, last_p,  # noqa: N803
+         dim, dg, G, L, N, n_blocks, sBb, sBg, sBn, sBl, sCb, sCg, sCn, sCl,  # noqa: N803
+         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+         BLOCK_D: tl.constexpr, N_PAD: tl.constexpr, BL: tl.constexpr):
+    pid_bg, pid_d = tl.program_id(0), tl.program_id(1)
+    b, g = pid_bg // G, pid_bg % G
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < dg
+    ch = g * dg + offs_d
+    rows = (b * dim + ch) * L
+    offs_n = tl.arange(0, N_PAD)
+    mask_n = offs_n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    A = tl.load(A_p + ch[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
+    bias = tl.load(bias_p + ch, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    Dv = tl.load(D_p + ch, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else 0.0
+    st_rows = ((b * dim + ch)[:, None] * N + offs_n[None, :]) * n_blocks
+    h = tl.zeros((BLOCK_D, N_PAD), dtype=tl.float32)
+    for c in range(0, n_blocks):
+        tl.store(states_p + st_rows + c, h, mask=mask_dn)
+        t = c * BL + tl.arange(0, BL)
+        mask_t = t < L
+        ok = mask_d[:, None] & mask_t[None, :]
+        _, dt = _load_dt(delta_p, bias, rows, t, ok, HAS_BIAS, SOFTPLUS)
+        uu = tl.load(u_p + rows[:, None] + t[None, :], mask=ok, other=0.0).to(tl.float32)
+        Bt = _load_bc(B_p, b * sBb + g * sBg, sBn, sBl, offs_n, t, mask_n, mask_t)
+        Ct = _load_bc(C_p, b * sCb + g * sCg, sCn, sCl, offs_n, t, mask_n, mask_t)
+        a = tl.exp(dt[:, None, :] * A[:, :, None])
+        a = tl.where(mask_t[None, None, :], a, 1.0)  # steps past L: the identity
+        x = (dt * uu)[:, None, :] * Bt[None, :, :]
+        ac, xc = tl.associative_scan((a, x), 2, _combine)
+        hs = xc + ac * h[:, :, None]
+        y = tl.sum(hs * Ct[None, :, :], 1)
+        if HAS_D:
+            y = y + uu * Dv[:, None]
+        if HAS_Z:
+            zz = tl.load(z_p + rows[:, None] + t[None, :], mask=ok, other=0.0).to(tl.float32)
+            y = y * zz * tl.sigmoid(zz)
+        tl.store(out_p + rows[:, None] + t[None, :], y, mask=ok)
+        # masked steps are identities, so the block's last column is the state after its last step
+        h = tl.sum(tl.where((tl.arange(0, BL) == BL - 1)[None, None, :], hs, 0.0), 2)
+    tl.store(last_p + (b * dim + ch)[:, None] * N + offs_n[None, :], h, mask=mask_dn)
+
+
+def _bwd(u_p, delta_p, A_p, B_p, C_p, D_p, z_p, bias_p, states_p, gout_p, glast_p,  # noqa: N803
+         gu_p, gdelta_p, gz_p, gB_p, gC_p, gA_p, gD_p, gbias_p,  # noqa: N803
+         dim, dg, G, L, N, n_blocks, n_dblk, sBb, sBg, sBn, sBl, sCb, sCg, sCn, sCl,  # noqa: N803
+         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+         HAS_GLAST: tl.constexpr, BLOCK_D: tl.constexpr, N_PAD: tl.constexpr, BL: tl.constexpr):
+    pid_bg, pid_d = tl.program_id(0), tl.program_id(1)
+    b, g = pid_bg // G, pid_bg % G
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < dg
+    ch = g * dg + offs_d
+    rows = (b * dim + ch) * L
+    offs_n = tl.arange(0, N_PAD)
+    mask_n = offs_n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    dn_rows = (b * dim + ch)[:, None] * N + offs_n[None, :]
+    A = tl.load(A_p + ch[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
+    bias = tl.load(bias_p + ch, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    Dv = tl.load(D_p + ch, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else 0.0
+    Bbase, Cbase = b * sBb + g * sBg, b * sCb + g * sCg  # noqa: N806
+    # sums of the (channel block) programs: per (b, g, block, n, t) for dB, dC
+    bc_rows = ((pid_bg * n_dblk + pid_d) * N + offs_n[:, None]) * L
+    carry = tl.zeros((BLOCK_D, N_PAD), dtype=tl.float32)
+    if HAS_GLAST:
+        carry = tl.load(glast_p + dn_rows, mask=mask_dn, other=0.0).to(tl.float32)
+    gA = tl.zeros((BLOCK_D, N_PAD), dtype=tl.float32)  # noqa: N806
+    gD = tl.zeros((BLOCK_D,), dtype=tl.float32)  # noqa: N806
+    gbias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    idx = tl.arange(0, BL)
+    for i in range(0, n_blocks):
+        c = n_blocks - 1 - i
+        t0 = c * BL
+        t = t0 + idx
+        end = tl.minimum(t0 + BL, L)
+        mask_t = t < L
+        ok = mask_d[:, None] & mask_t[None, :]
+        pre, dt = _load_dt(delta_p, bias, rows, t, ok, HAS_BIAS, SOFTPLUS)
+        uu = tl.load(u_p + rows[:, None] + t[None, :], mask=ok, other=0.0).to(tl.float32)
+        Bt = _load_bc(B_p, Bbase, sBn, sBl, offs_n, t, mask_n, mask_t)
+        Ct = _load_bc(C_p, Cbase, sCn, sCl, offs_n, t, mask_n, mask_t)
+        a = tl.where(mask_t[None, None, :], tl.exp(dt[:, None, :] * A[:, :, None]), 1.0)
+        du = dt * uu
+        x = du[:, None, :] * Bt[None, :, :]
+        # h_{t-1}: the scan over the inputs one step back, from the block's checkpoint
+        tp = t - 1
+        mp = (tp >= t0) & (tp < L)
+        okp = mask_d[:, None] & mp[None, :]
+        _, dtp = _load_dt(delta_p, bias, rows, tp, okp, HAS_BIAS, SOFTPLUS)
+        up = tl.load(u_p + rows[:, None] + tp[None, :], mask=okp, other=0.0).to(tl.float32)
+        Bp = _load_bc(B_p, Bbase, sBn, sBl, offs_n, tp, mask_n, mp)  # noqa: N806
+        ap = tl.where(mp[None, None, :], tl.exp(dtp[:, None, :] * A[:, :, None]), 1.0)
+        acp, xcp = tl.associative_scan((ap, (dtp * up)[:, None, :] * Bp[None, :, :]), 2, _combine)
+        h0 = tl.load(states_p + dn_rows * n_blocks + c, mask=mask_dn, other=0.0)
+        hprev = xcp + acp * h0[:, :, None]
+        h = a * hprev + x
+        # the gradient reaching y, through the silu(z) gate
+        go = tl.load(gout_p + rows[:, None] + t[None, :], mask=ok, other=0.0).to(tl.float32)
+        gy = go
+        if HAS_Z:
+            zz = tl.load(z_p + rows[:, None] + t[None, :], mask=ok, other=0.0).to(tl.float32)
+            sz = tl.sigmoid(zz)
+            gy = go * zz * sz
+            y = tl.sum(h * Ct[None, :, :], 1)
+            if HAS_D:
+                y = y + uu * Dv[:, None]
+            tl.store(gz_p + rows[:, None] + t[None, :], go * y * sz * (1.0 + zz * (1.0 - sz)), mask=ok)
+        # g_t = C_t gy_t + a_{t+1} g_{t+1}; the carry from the next block enters at the last step
+        tn = t + 1
+        mn = tn < end
+        _, dtn = _load_dt(delta_p, bias, rows, tn, mask_d[:, None] & mn[None, :], HAS_BIAS, SOFTPLUS)
+        an = tl.where(mn[None, None, :], tl.exp(dtn[:, None, :] * A[:, :, None]), 1.0)
+        cg = gy[:, None, :] * Ct[None, :, :]
+        cg = cg + tl.where((t == end - 1)[None, None, :], carry[:, :, None], 0.0)
+        _, gh = tl.associative_scan((an, cg), 2, _combine, reverse=True)
+        carry = tl.sum(tl.where((idx == 0)[None, None, :], a * gh, 0.0), 2)
+        tl.store(gC_p + bc_rows + t[None, :], tl.sum(gy[:, None, :] * h, 0), mask=mask_n[:, None] & mask_t[None, :])
+        tl.store(gB_p + bc_rows + t[None, :], tl.sum(gh * du[:, None, :], 0), mask=mask_n[:, None] & mask_t[None, :])
+        gdu = tl.sum(gh * Bt[None, :, :], 1)
+        s = gh * a * hprev  # dL/d(delta_t A)
+        gA += tl.sum(s * dt[:, None, :], 2)
+        gdt = gdu * uu + tl.sum(s * A[:, :, None], 1)
+        gu = gdu * dt
+        if HAS_D:
+            gu = gu + gy * Dv[:, None]
+            gD += tl.sum(gy * uu, 1)
+        if SOFTPLUS:
+            gdt = gdt * tl.sigmoid(pre)
+        gbias += tl.sum(gdt, 1)
+        tl.store(gu_p + rows[:, None] + t[None, :], gu, mask=ok)
+        tl.store(gdelta_p + rows[:, None] + t[None, :], gdt, mask=ok)
+    tl.store(gA_p + dn_rows, gA, mask=mask_dn)
+    tl.store(gD_p + b * dim + ch, gD, mask=mask_d)
+    tl.store(gbias_p + b * dim + ch, gbias, mask=mask_d)
+
+
+@functools.cache
+def kernels(interpret: bool) -> tuple:
+    """(forward, backward) kernels, jitted once per value of TRITON_INTERPRET.
+
+    The helpers are jitted first and the kernels see them through their own globals, so one
+    module serves both the compiler and the interpreter.
+    """
+    del interpret  # the cache key: triton.jit reads the flag itself
+    scope = dict(globals())
+
+    def jit(f):
+        copy = types.FunctionType(f.__code__, scope, f.__name__)
+        copy.__annotations__ = dict(f.__annotations__)
+        return triton.jit(copy)
+
+    for f in (_combine, _softplus, _load_dt, _load_bc):
+        scope[f.__name__] = jit(f)
+    return jit(_fwd), jit(_bwd)
+
+
+def _plan(dg: int, n: int) -> tuple[int, int]:
+    """(BLOCK_D, N_PAD): powers of 2, d_state padded, the tile kept near _TILE elements."""
+    n_pad = triton.next_power_of_2(n)
+    block_d = min(triton.next_power_of_2(dg), max(1, _TILE // (n_pad * BLOCK_L)))
+    return block_d, n_pad
+
+
+def _bc_strides(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.stride())
+
+
+class TritonScan(torch.autograd.Function):
+    """ChunkedScan's signature and semantics in two Triton kernels; fp32 inputs only (the
+    dispatch wrapper upcasts). Saves its inputs and the (B, D, N, L / BLOCK_L) checkpoints.
+
+    ``on_failure(exc)``, set by the dispatcher, decides what a backward kernel that fails to
+    compile or launch does: True runs the torch parallel backward instead, False re-raises.
+    (Forward failures the dispatcher catches itself.)
+    """
+
+    on_failure = staticmethod(lambda exc: False)
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):  # noqa: N803
+        b, d, l = u.shape  # noqa: E741
+        g, n = B.shape[1], A.shape[1]
+        u, delta, A = u.contiguous(), delta.contiguous(), A.contiguous()
+        z = None if z is None else z.contiguous()
+        block_d, n_pad = _plan(d // g, n)
+        n_blocks = math.ceil(l / BLOCK_L)
+        out = u.new_empty((b, d, l))
+        states = u.new_empty((b, d, n, n_blocks))
+        last = u.new_empty((b, d, n))
+        grid = (b * g, triton.cdiv(d // g, block_d))
+        kernels(triton.knobs.runtime.interpret)[0][grid](
+            u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
+            delta_bias if delta_bias is not None else u, out, states, last,
+            d, d // g, g, l, n, n_blocks, *_bc_strides(B), *_bc_strides(C),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=bool(delta_softplus), BLOCK_D=block_d, N_PAD=n_pad, BL=BLOCK_L)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
+        ctx.delta_softplus = bool(delta_softplus)
+        ctx.set_materialize_grads(False)
+        return out, last
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gout, glast):
+        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+        gout = torch.zeros_like(u) if gout is None else gout.contiguous()
+        try:
+            return _backward(u, delta, A, B, C, D, z, delta_bias, states, ctx.delta_softplus, gout, glast)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any compile or launch error; on_failure decides
+            if not TritonScan.on_failure(exc):
+                raise
+            return parallel_backward(ctx.saved_tensors, ctx.delta_softplus, ctx.needs_input_grad, gout, glast)
+
+
+def _backward(u, delta, A, B, C, D, z, delta_bias, states, softplus, gout, glast):  # noqa: N803
+    b, d, l = u.shape  # noqa: E741
+    g, n = B.shape[1], A.shape[1]
+    block_d, n_pad = _plan(d // g, n)
+    n_dblk = triton.cdiv(d // g, block_d)
+    gu, gdelta = torch.empty_like(u), torch.empty_like(u)
+    gz = torch.empty_like(u) if z is not None else None
+    gB, gC = (u.new_empty((b, g, n_dblk, n, l)) for _ in range(2))  # noqa: N806
+    gA, gD, gbias = u.new_empty((b, d, n)), u.new_empty((b, d)), u.new_empty((b, d))  # noqa: N806
+    kernels(triton.knobs.runtime.interpret)[1][(b * g, n_dblk)](
+        u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
+        delta_bias if delta_bias is not None else u, states, gout,
+        glast.contiguous() if glast is not None else u, gu, gdelta, gz if gz is not None else u,
+        gB, gC, gA, gD, gbias, d, d // g, g, l, n, states.shape[-1], n_dblk,
+        *_bc_strides(B), *_bc_strides(C),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=softplus, HAS_GLAST=glast is not None,
+        BLOCK_D=block_d, N_PAD=n_pad, BL=BLOCK_L)
+    gB, gC = (t[:, :, 0] if n_dblk == 1 else t.sum(2) for t in (gB, gC))  # noqa: N806
+    return (gu, gdelta, gA.sum(0), gB, gC, gD.sum(0) if D is not None else None, gz,
+            gbias.sum(0) if delta_bias is not None else None, None)

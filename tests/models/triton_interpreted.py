@@ -1,0 +1,107 @@
+"""Triton scan kernels on CPU under TRITON_INTERPRET=1, against the sequential reference.
+
+Not collected by itself (the name does not start with ``test_``): ``test_scan_backends`` runs it
+in a fresh process with the variable set before triton is imported, which the interpreter needs.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from scan_reference import check_against_reference, make_inputs, reference_scan, rel_err
+
+from cmdbnet.models import scan
+from cmdbnet.models.scan import dispatch, selective_scan
+from cmdbnet.models.scan import triton as triton_scan
+
+if not triton_scan.triton.knobs.runtime.interpret:
+    pytest.exit("run with TRITON_INTERPRET=1 (see test_scan_backends.py)", returncode=3)
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend(monkeypatch):
+    monkeypatch.setenv(scan.BACKEND_ENV, "triton")
+    monkeypatch.setattr(dispatch, "_TRITON_FAILURE", [])
+    dispatch._triton_import.cache_clear()
+    yield
+    dispatch._triton_import.cache_clear()
+
+
+# Every option on and off at least once, every B/C form, every output mode; L = 1, L past one
+# block of 32 steps and not a multiple of it, exactly two blocks; d_state 1, 16 and 3, 5
+# (padded to 4 and 8); channel blocks the group does not fill.
+CASES = [  # form, D, z, delta_bias, delta_softplus, mode, (b, d, l, n)
+    ("3d", True, True, True, True, "out+last", (2, 4, 1, 3)),
+    ("g2", True, True, True, True, "out+last", (2, 6, 37, 4)),
+    ("g1", False, False, False, False, "out", (1, 4, 64, 16)),
+    ("g2", True, False, True, True, "last", (2, 4, 45, 1)),
+    ("3d", False, True, False, True, "out", (1, 3, 33, 5)),
+    ("g2", True, True, False, False, "out+last", (1, 4, 64, 1)),
+    ("g1", True, False, True, False, "out", (1, 2, 40, 16)),
+]
+
+
+@pytest.mark.parametrize(("form", "has_D", "has_z", "has_bias", "softplus", "mode", "shape"), CASES)
+def test_matches_reference(form, has_D, has_z, has_bias, softplus, mode, shape):
+    i = CASES.index((form, has_D, has_z, has_bias, softplus, mode, shape))
+    kw = make_inputs(*shape, form, D=has_D, z=has_z, bias=has_bias, seed=i)
+    check_against_reference(kw, softplus, mode, i)
+
+
+def test_strided_and_mixed_group_b_c():
+    kw = make_inputs(2, 6, 35, 2, "3d", D=True, z=True, bias=True, seed=7)
+    proj = torch.randn(2, 3, 9, 35, generator=torch.Generator().manual_seed(8))
+    kw["C"] = proj[:, :, 3:5].requires_grad_()  # (B, 3, N, L), strided, as the model's slices
+    assert not kw["C"].is_contiguous()
+    check_against_reference(kw, True, "out+last", 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_are_computed_in_fp32(dtype):
+    kw = make_inputs(2, 4, 33, 4, "g2", D=True, z=True, bias=True, dtype=dtype)
+    ref = reference_scan(**{k: v.detach().float() for k, v in kw.items()}, delta_softplus=True)
+    out, last = selective_scan(**kw, delta_softplus=True, return_last_state=True)
+    assert out.dtype == dtype and last.dtype == torch.float32
+    assert rel_err(out, ref) <= (2e-3 if dtype == torch.float16 else 1e-2)
+    grads = torch.autograd.grad(out.float().sum(), list(kw.values()))
+    assert all(gr.dtype == dtype and torch.isfinite(gr).all() for gr in grads)
+
+
+class _Broken:
+    """A kernel that fails to launch, as an old card or a driver without the needed PTX makes it."""
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            raise RuntimeError("PTX .version 8.7 does not support .target sm_50")
+        return launch
+
+
+_broken = _Broken()
+
+
+def test_backward_failure_falls_back_under_auto(monkeypatch):
+    monkeypatch.setenv(scan.BACKEND_ENV, "auto")
+    monkeypatch.setattr(dispatch, "_device_is_cuda", lambda device: True)
+    monkeypatch.setitem(sys.modules, "mamba_ssm", None)
+    dispatch._mamba_ssm_import.cache_clear()
+    fwd = triton_scan.kernels(True)[0]
+    monkeypatch.setattr(triton_scan, "kernels", lambda interpret: (fwd, _broken))
+    kw = make_inputs(2, 4, 9, 3, "g2", D=True, z=True, bias=True)
+    out = selective_scan(**kw, delta_softplus=True)  # forward on the Triton kernel
+    with pytest.warns(RuntimeWarning, match="sm_50.*torch_parallel"):
+        grads = torch.autograd.grad(out.sum(), list(kw.values()))
+    ref = torch.autograd.grad(reference_scan(**kw, delta_softplus=True).sum(), list(kw.values()))
+    assert all(rel_err(a, r) <= 1e-5 for a, r in zip(grads, ref))
+    assert scan.resolve_backend("cuda") == "torch_parallel"
+    dispatch._mamba_ssm_import.cache_clear()
+
+
+def test_backward_failure_raises_when_triton_was_asked_for(monkeypatch):
+    fwd = triton_scan.kernels(True)[0]
+    monkeypatch.setattr(triton_scan, "kernels", lambda interpret: (fwd, _broken))
+    kw = make_inputs(1, 2, 5, 1, "3d")
+    out = selective_scan(**kw)
+    with pytest.raises(RuntimeError, match="sm_50"):
+        torch.autograd.grad(out.sum(), list(kw.values()))
