@@ -35,8 +35,12 @@ from cmdbnet.models.scan.parallel import parallel_backward
 
 __all__ = ["TritonScan", "kernels"]
 
+# Block sizes are first guesses, not tuned on a card yet (benchmarks/gpu.py part b times them):
+# BLOCK_L steps per scanned block; at most _TILE channels x d_state x BLOCK_L elements and
+# _MAX_BLOCK_D channels per program, so that a stage's few channels still fill several programs.
 BLOCK_L = 32
-_TILE = 2048  # channels x d_state x BLOCK_L elements per program
+_TILE = 2048
+_MAX_BLOCK_D = 16
 
 
 def _combine(a1, x1, a2, x2):
@@ -75,13 +79,17 @@ def _fwd(u_p, delta_p, A_p, B_p, C_p, D_p, z_p, bias_p, out_p, states_p, last_p,
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < dg
     ch = g * dg + offs_d
-    rows = (b * dim + ch) * L
+    rows = (b * dim + ch).to(tl.int64) * L  # B*D*L passes 2**31 on large rasters
     offs_n = tl.arange(0, N_PAD)
     mask_n = offs_n < N
     mask_dn = mask_d[:, None] & mask_n[None, :]
     A = tl.load(A_p + ch[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
-    bias = tl.load(bias_p + ch, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    Dv = tl.load(D_p + ch, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else 0.0
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_p + ch, mask=mask_d, other=0.0).to(tl.float32)
+    Dv = 0.0
+    if HAS_D:
+        Dv = tl.load(D_p + ch, mask=mask_d, other=0.0).to(tl.float32)
     st_rows = ((b * dim + ch)[:, None] * N + offs_n[None, :]) * n_blocks
     h = tl.zeros((BLOCK_D, N_PAD), dtype=tl.float32)
     for c in range(0, n_blocks):
@@ -120,17 +128,21 @@ def _bwd(u_p, delta_p, A_p, B_p, C_p, D_p, z_p, bias_p, states_p, gout_p, glast_
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < dg
     ch = g * dg + offs_d
-    rows = (b * dim + ch) * L
+    rows = (b * dim + ch).to(tl.int64) * L  # B*D*L passes 2**31 on large rasters
     offs_n = tl.arange(0, N_PAD)
     mask_n = offs_n < N
     mask_dn = mask_d[:, None] & mask_n[None, :]
     dn_rows = (b * dim + ch)[:, None] * N + offs_n[None, :]
     A = tl.load(A_p + ch[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
-    bias = tl.load(bias_p + ch, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    Dv = tl.load(D_p + ch, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else 0.0
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_p + ch, mask=mask_d, other=0.0).to(tl.float32)
+    Dv = 0.0
+    if HAS_D:
+        Dv = tl.load(D_p + ch, mask=mask_d, other=0.0).to(tl.float32)
     Bbase, Cbase = b * sBb + g * sBg, b * sCb + g * sCg  # noqa: N806
     # sums of the (channel block) programs: per (b, g, block, n, t) for dB, dC
-    bc_rows = ((pid_bg * n_dblk + pid_d) * N + offs_n[:, None]) * L
+    bc_rows = ((pid_bg * n_dblk + pid_d) * N + offs_n[:, None]).to(tl.int64) * L
     carry = tl.zeros((BLOCK_D, N_PAD), dtype=tl.float32)
     if HAS_GLAST:
         carry = tl.load(glast_p + dn_rows, mask=mask_dn, other=0.0).to(tl.float32)
@@ -227,7 +239,7 @@ def kernels(interpret: bool) -> tuple:
 def _plan(dg: int, n: int) -> tuple[int, int]:
     """(BLOCK_D, N_PAD): powers of 2, d_state padded, the tile kept near _TILE elements."""
     n_pad = triton.next_power_of_2(n)
-    block_d = min(triton.next_power_of_2(dg), max(1, _TILE // (n_pad * BLOCK_L)))
+    block_d = min(triton.next_power_of_2(dg), _MAX_BLOCK_D, max(1, _TILE // (n_pad * BLOCK_L)))
     return block_d, n_pad
 
 
@@ -251,7 +263,7 @@ class TritonScan(torch.autograd.Function):
         b, d, l = u.shape  # noqa: E741
         g, n = B.shape[1], A.shape[1]
         u, delta, A = u.contiguous(), delta.contiguous(), A.contiguous()
-        z = None if z is None else z.contiguous()
+        D, z, delta_bias = (None if t is None else t.contiguous() for t in (D, z, delta_bias))
         block_d, n_pad = _plan(d // g, n)
         n_blocks = math.ceil(l / BLOCK_L)
         out = u.new_empty((b, d, l))
