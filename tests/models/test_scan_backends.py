@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from scan_reference import check_against_reference, make_inputs, reference_scan, rel_err
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import cmdbnet.models.scan as scan_pkg
 from cmdbnet.errors import CmdbError
@@ -234,3 +235,31 @@ def test_triton_kernels_under_the_interpreter():
                           cwd=here.parent.parent, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert re.search(r"\b1[0-9] passed", proc.stdout), proc.stdout[-2000:]
+
+
+class _OpCount(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_per_call(l: int) -> int:  # noqa: E741
+    kw = make_inputs(1, 4, l, 1, "g2", D=True, bias=True)
+    with _OpCount() as count:
+        out = selective_scan(**kw, delta_softplus=True)
+        torch.autograd.grad(out.sum(), list(kw.values()))
+    return count.n
+
+
+def test_torch_parallel_launches_hardly_grow_with_length(monkeypatch):
+    """Forward + backward: three scans of three ops per doubling; nothing per time step."""
+    monkeypatch.setenv(scan.BACKEND_ENV, "torch_parallel")
+    short, long = _ops_per_call(64), _ops_per_call(4096)
+    assert long - short == 3 * 3 * (12 - 6)
+    assert short < 200
+    monkeypatch.setenv(scan.BACKEND_ENV, "torch")
+    assert _ops_per_call(512) > 512  # the chunked scan: an op per step
