@@ -40,8 +40,6 @@ def _fresh_backend_state(monkeypatch):
 
 def _use(monkeypatch, backend):
     monkeypatch.setenv(scan.BACKEND_ENV, backend)
-    if backend == "triton":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets the CPU tensors through the dispatch
 
 
 FLAGS = list(itertools.product([False, True], repeat=4))  # D, z, delta_bias, delta_softplus
@@ -172,9 +170,10 @@ def test_cpu_tensors_keep_the_chunked_scan(fake_mamba, monkeypatch):
 
 def test_forced_triton_needs_cuda_or_the_interpreter(monkeypatch):
     monkeypatch.setenv(scan.BACKEND_ENV, "triton")
-    with pytest.raises(CmdbError, match="TRITON_INTERPRET=1"):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # too late: triton was imported without it
+    with pytest.raises(CmdbError, match="TRITON_INTERPRET=1 before the process starts"):
         selective_scan(**_small())
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton_scan, "interpreter_ready", lambda: True)  # as in a process started with it
     assert scan.resolve_backend("cpu") == "triton"
 
 
@@ -215,7 +214,7 @@ def test_triton_failure_in_forward_falls_back_once(monkeypatch, pretend_cuda, no
         assert rel_err(selective_scan(**kw), out) == 0
 
 
-def test_forced_triton_failure_raises(monkeypatch):
+def test_forced_triton_failure_raises(monkeypatch, pretend_cuda):
     _use(monkeypatch, "triton")
     monkeypatch.setattr(triton_scan, "kernels", lambda interpret: (_broken, _broken))
     with pytest.raises(RuntimeError, match="sm_50"):

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from cmdbnet.models.scan.parallel import parallel_backward
 
-__all__ = ["TritonScan", "kernels"]
+__all__ = ["TritonScan", "interpreter_ready", "kernels"]
 
 # Block sizes are first guesses, not tuned on a card yet (benchmarks/gpu.py part b times them):
 # BLOCK_L steps per scanned block; at most _TILE channels x d_state x BLOCK_L elements and
@@ -255,6 +255,12 @@ def kernels(interpret: bool) -> tuple:
               _gate_backward):
         scope[f.__name__] = jit(f)
     return jit(_fwd), jit(_bwd)
+
+
+def interpreter_ready() -> bool:
+    """Whether CPU tensors can run the kernels: TRITON_INTERPRET=1 was set before triton was
+    imported (Triton's own builtins, such as ``tl.zeros``, are jitted at its import)."""
+    return bool(triton.knobs.runtime.interpret) and not isinstance(tl.zeros, triton.runtime.jit.JITFunction)
 
 
 def _plan(dg: int, n: int) -> tuple[int, int]:
