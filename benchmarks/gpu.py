@@ -32,6 +32,7 @@ if "--smoke" in sys.argv:
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import datetime  # noqa: E402
+import gc  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -120,7 +121,15 @@ def main() -> int:
         print(f"part ({key}) ...", flush=True)
         t_part = time.monotonic()
         with _restored_env():
-            run()
+            try:
+                run()
+            except Exception as exc:  # noqa: BLE001 - one part failing on an untested card keeps the others
+                if args.smoke:
+                    raise
+                table.add(key, "FAILED", f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
         print(f"part ({key}) took {time.monotonic() - t_part:.0f} s", flush=True)
     table.add("-", "whole check", f"{time.monotonic() - t0:.0f} s", "<= 480 s" if not args.smoke else "",
               None if args.smoke else time.monotonic() - t0 <= 480)

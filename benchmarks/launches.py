@@ -164,11 +164,10 @@ def count_step(route: str, batch: int, crop: int) -> tuple[Counter, Counter]:
         counter.part = "optimizer"
         return losses
 
-    os.environ[scan.BACKEND_ENV] = "triton" if route == "triton" else route
-    if route == "triton":
-        os.environ["TRITON_INTERPRET"] = "1"  # lets CPU tensors through the dispatch
-    saved = triton_scan.kernels
+    os.environ[scan.BACKEND_ENV] = route
+    saved = triton_scan.kernels, triton_scan.interpreter_ready
     triton_scan.kernels = lambda interpret: (_CountedLaunch(counter, 0), _CountedLaunch(counter, 1))
+    triton_scan.interpreter_ready = lambda: True  # lets CPU tensors through the dispatch to the stand-ins
     def step():
         return run_step_group(model, counted_loss, batches, [1.0], opt, None, Precision(False, torch.float32),
                               torch.device("cpu"), t.grad_clip)[1]
@@ -179,9 +178,8 @@ def count_step(route: str, batch: int, crop: int) -> tuple[Counter, Counter]:
         with counter:
             took = step()
     finally:
-        triton_scan.kernels = saved
+        triton_scan.kernels, triton_scan.interpreter_ready = saved
         os.environ.pop(scan.BACKEND_ENV, None)
-        os.environ.pop("TRITON_INTERPRET", None)
     assert took, "the step was not taken: a non-finite loss would skip AdamW and undercount"
     return counter.counts, counter.kernels
 

@@ -39,8 +39,8 @@ def doctor(as_json: bool = JsonFlag) -> None:
     from rich.table import Table
 
     cuda = report["cuda"] or ("ROCm " + report["hip"] if report["hip"] else "none (CPU build)")
-    console.print(f"torch {report['torch']} | CUDA {cuda} | cuDNN {report['cudnn'] or '-'} | "
-                  f"Python {report['python']} | {report['platform']}")
+    console.print(f"torch {report['torch']} | CUDA {cuda} | cuDNN {report['cudnn'] or '-'}")
+    console.print(f"Python {report['python']} on {report['platform']}")
     devices = Table(title="devices")
     for col in ("device", "name", "details"):
         devices.add_column(col)

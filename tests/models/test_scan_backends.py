@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from scan_reference import check_against_reference, make_inputs, reference_scan, rel_err
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import cmdbnet.models.scan as scan_pkg
 from cmdbnet.errors import CmdbError
@@ -39,8 +40,6 @@ def _fresh_backend_state(monkeypatch):
 
 def _use(monkeypatch, backend):
     monkeypatch.setenv(scan.BACKEND_ENV, backend)
-    if backend == "triton":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets the CPU tensors through the dispatch
 
 
 FLAGS = list(itertools.product([False, True], repeat=4))  # D, z, delta_bias, delta_softplus
@@ -171,9 +170,10 @@ def test_cpu_tensors_keep_the_chunked_scan(fake_mamba, monkeypatch):
 
 def test_forced_triton_needs_cuda_or_the_interpreter(monkeypatch):
     monkeypatch.setenv(scan.BACKEND_ENV, "triton")
-    with pytest.raises(CmdbError, match="TRITON_INTERPRET=1"):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # too late: triton was imported without it
+    with pytest.raises(CmdbError, match="TRITON_INTERPRET=1 before the process starts"):
         selective_scan(**_small())
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton_scan, "interpreter_ready", lambda: True)  # as in a process started with it
     assert scan.resolve_backend("cpu") == "triton"
 
 
@@ -214,7 +214,7 @@ def test_triton_failure_in_forward_falls_back_once(monkeypatch, pretend_cuda, no
         assert rel_err(selective_scan(**kw), out) == 0
 
 
-def test_forced_triton_failure_raises(monkeypatch):
+def test_forced_triton_failure_raises(monkeypatch, pretend_cuda):
     _use(monkeypatch, "triton")
     monkeypatch.setattr(triton_scan, "kernels", lambda interpret: (_broken, _broken))
     with pytest.raises(RuntimeError, match="sm_50"):
@@ -234,3 +234,31 @@ def test_triton_kernels_under_the_interpreter():
                           cwd=here.parent.parent, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert re.search(r"\b1[0-9] passed", proc.stdout), proc.stdout[-2000:]
+
+
+class _OpCount(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_per_call(l: int) -> int:  # noqa: E741
+    kw = make_inputs(1, 4, l, 1, "g2", D=True, bias=True)
+    with _OpCount() as count:
+        out = selective_scan(**kw, delta_softplus=True)
+        torch.autograd.grad(out.sum(), list(kw.values()))
+    return count.n
+
+
+def test_torch_parallel_launches_hardly_grow_with_length(monkeypatch):
+    """Forward + backward: three scans of three ops per doubling; nothing per time step."""
+    monkeypatch.setenv(scan.BACKEND_ENV, "torch_parallel")
+    short, long = _ops_per_call(64), _ops_per_call(4096)
+    assert long - short == 3 * 3 * (12 - 6)
+    assert short < 200
+    monkeypatch.setenv(scan.BACKEND_ENV, "torch")
+    assert _ops_per_call(512) > 512  # the chunked scan: an op per step

@@ -16,7 +16,7 @@ from cmdbnet.models import scan
 from cmdbnet.models.scan import dispatch, selective_scan
 from cmdbnet.models.scan import triton as triton_scan
 
-if not triton_scan.triton.knobs.runtime.interpret:
+if not triton_scan.interpreter_ready():
     pytest.exit("run with TRITON_INTERPRET=1 (see test_scan_backends.py)", returncode=3)
 
 

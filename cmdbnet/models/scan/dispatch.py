@@ -78,10 +78,6 @@ def _requested() -> str:
     return name
 
 
-def _triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
-
-
 def available_backends() -> tuple[str, ...]:
     """Backends that import here; ``mamba_ssm`` and ``triton`` still need CUDA tensors to be chosen."""
     extra = (name for name, imp in (("triton", _triton_import), ("mamba_ssm", _mamba_ssm_import)) if imp()[0])
@@ -114,9 +110,10 @@ def resolve_backend(device: torch.device | str) -> str:
         if mod is None:
             raise ScanBackendError(f"{BACKEND_ENV}=triton but triton cannot be imported ({why}); it ships with "
                                    f"torch's Linux CUDA wheels, or set {BACKEND_ENV}=auto")
-        if not _device_is_cuda(device) and not _triton_interpret():
-            raise ScanBackendError(f"{BACKEND_ENV}=triton needs CUDA tensors, got {device} (set "
-                                   f"TRITON_INTERPRET=1 to run its kernels on CPU); or set {BACKEND_ENV}=auto")
+        if not _device_is_cuda(device) and not mod.interpreter_ready():
+            raise ScanBackendError(f"{BACKEND_ENV}=triton needs CUDA tensors, got {device} (to run its kernels "
+                                   f"on CPU, set TRITON_INTERPRET=1 before the process starts); or set "
+                                   f"{BACKEND_ENV}=auto")
         return "triton"
     fn, why = _mamba_ssm_import()
     if fn is None:

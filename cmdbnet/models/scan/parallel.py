@@ -2,8 +2,8 @@
 
 For CUDA tensors when neither mamba-ssm nor Triton can run (Windows wheels, ROCm, old cards).
 The chunked scan issues one small op per time step, and on a GPU each op is a kernel launch;
-here a call issues a few dozen ops whatever L is, plus four per doubling of the shift
-(ceil(log2 L) doublings), so L = 4096 costs about as many launches as L = 64.
+here a call issues a few dozen ops whatever L is, plus three per doubling of the shift
+(ceil(log2 L) doublings): L = 4096 costs 18 launches more than L = 64, not 4032.
 
 Numerics: level k combines pairs ``(a, x)`` at distance 2**k as ``(a a', a x' + x)``, so the
 state is built from products of decays only; nothing ever computes exp of a positive
@@ -15,7 +15,8 @@ backward recomputes the states with one forward scan and runs the reverse-time r
 the state gradient, ``g_t = C_t gy_t + a_{t+1} g_{t+1}``, as one more scan of the same kind:
 three (B, D, N, L)-sized scans in flight at most, none of them kept between forward and
 backward. The price is O(L log L) work instead of O(L), which a GPU absorbs and a CPU does not
-(CPU tensors keep the chunked scan unless this backend is forced).
+(CPU tensors keep the chunked scan unless this backend is forced). The Triton backend reuses
+this backward when its own kernel fails to compile or launch.
 """
 
 from __future__ import annotations

@@ -33,10 +33,14 @@ import triton.language as tl
 
 from cmdbnet.models.scan.parallel import parallel_backward
 
-__all__ = ["TritonScan", "kernels"]
+__all__ = ["TritonScan", "interpreter_ready", "kernels"]
 
+# Block sizes are first guesses, not tuned on a card yet (benchmarks/gpu.py part b times them):
+# BLOCK_L steps per scanned block; at most _TILE channels x d_state x BLOCK_L elements and
+# _MAX_BLOCK_D channels per program, so that a stage's few channels still fill several programs.
 BLOCK_L = 32
-_TILE = 2048  # channels x d_state x BLOCK_L elements per program
+_TILE = 2048
+_MAX_BLOCK_D = 16
 
 
 def _combine(a1, x1, a2, x2):
@@ -66,22 +70,82 @@ def _load_bc(ptr, base, sn, sl, offs_n, t, mask_n, mask_t):
                    mask=mask_n[:, None] & mask_t[None, :], other=0.0).to(tl.float32)
 
 
-def _fwd(u_p, delta_p, A_p, B_p, C_p, D_p, z_p, bias_p, out_p, states_p, last_p,  # noqa: N803
-         dim, dg, G, L, N, n_blocks, sBb, sBg, sBn, sBl, sCb, sCg, sCn, sCl,  # noqa: N803
-         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-         BLOCK_D: tl.constexpr, N_PAD: tl.constexpr, BL: tl.constexpr):
+def _program(dim, dg, G, L, N, BLOCK_D: tl.constexpr, N_PAD: tl.constexpr):  # noqa: N803
+    """This program's (batch, group, channels and their mask, row offsets, d_state offsets and masks)."""
     pid_bg, pid_d = tl.program_id(0), tl.program_id(1)
     b, g = pid_bg // G, pid_bg % G
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < dg
     ch = g * dg + offs_d
-    rows = (b * dim + ch) * L
+    rows = (b * dim + ch).to(tl.int64) * L  # B*D*L passes 2**31 on large rasters
     offs_n = tl.arange(0, N_PAD)
     mask_n = offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
+    return b, g, ch, mask_d, rows, offs_n, mask_n, mask_d[:, None] & mask_n[None, :]
+
+
+def _params(A_p, bias_p, D_p, ch, offs_n, N, mask_d, mask_dn,  # noqa: N803
+            HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr):  # noqa: N803
+    """A (channels, d_state), delta_bias and D of this program's channels (0.0 when absent)."""
     A = tl.load(A_p + ch[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
-    bias = tl.load(bias_p + ch, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    Dv = tl.load(D_p + ch, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else 0.0
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_p + ch, mask=mask_d, other=0.0).to(tl.float32)
+    Dv = 0.0
+    if HAS_D:
+        Dv = tl.load(D_p + ch, mask=mask_d, other=0.0).to(tl.float32)
+    return A, bias, Dv
+
+
+def _states_before(delta_p, u_p, B_p, bias, rows, A, Bbase, sBn, sBl, offs_n, mask_d, mask_n,  # noqa: N803
+                   t, t0, L, h0, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):  # noqa: N803
+    """h_{t-1} at steps ``t`` of the block starting at ``t0`` with state ``h0``: the scan over the
+    inputs loaded one step back (no division by a decay, which may have underflowed)."""
+    tp = t - 1
+    mp = (tp >= t0) & (tp < L)
+    okp = mask_d[:, None] & mp[None, :]
+    _, dtp = _load_dt(delta_p, bias, rows, tp, okp, HAS_BIAS, SOFTPLUS)
+    up = tl.load(u_p + rows[:, None] + tp[None, :], mask=okp, other=0.0).to(tl.float32)
+    Bp = _load_bc(B_p, Bbase, sBn, sBl, offs_n, tp, mask_n, mp)  # noqa: N806
+    ap = tl.where(mp[None, None, :], tl.exp(dtp[:, None, :] * A[:, :, None]), 1.0)
+    acp, xcp = tl.associative_scan((ap, (dtp * up)[:, None, :] * Bp[None, :, :]), 2, _combine)
+    return xcp + acp * h0[:, :, None]
+
+
+def _state_grads(delta_p, bias, rows, A, mask_d, t, end, cg, carry,  # noqa: N803
+                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):  # noqa: N803
+    """g_t = C_t gy_t + a_{t+1} g_{t+1} over the block (``cg`` = C_t gy_t); the carry from the
+    next block enters at the block's last step."""
+    tn = t + 1
+    mn = tn < end
+    _, dtn = _load_dt(delta_p, bias, rows, tn, mask_d[:, None] & mn[None, :], HAS_BIAS, SOFTPLUS)
+    an = tl.where(mn[None, None, :], tl.exp(dtn[:, None, :] * A[:, :, None]), 1.0)
+    cg = cg + tl.where((t == end - 1)[None, None, :], carry[:, :, None], 0.0)
+    _, gh = tl.associative_scan((an, cg), 2, _combine, reverse=True)
+    return gh
+
+
+def _gate_backward(gout_p, z_p, gz_p, rows, t, ok, h, Ct, uu, Dv,  # noqa: N803
+                   HAS_Z: tl.constexpr, HAS_D: tl.constexpr):  # noqa: N803
+    """The gradient reaching y through the silu(z) gate; stores dL/dz."""
+    go = tl.load(gout_p + rows[:, None] + t[None, :], mask=ok, other=0.0).to(tl.float32)
+    gy = go
+    if HAS_Z:
+        zz = tl.load(z_p + rows[:, None] + t[None, :], mask=ok, other=0.0).to(tl.float32)
+        sz = tl.sigmoid(zz)
+        gy = go * zz * sz
+        y = tl.sum(h * Ct[None, :, :], 1)
+        if HAS_D:
+            y = y + uu * Dv[:, None]
+        tl.store(gz_p + rows[:, None] + t[None, :], go * y * sz * (1.0 + zz * (1.0 - sz)), mask=ok)
+    return gy
+
+
+def _fwd(u_p, delta_p, A_p, B_p, C_p, D_p, z_p, bias_p, out_p, states_p, last_p,  # noqa: N803
+         dim, dg, G, L, N, n_blocks, sBb, sBg, sBn, sBl, sCb, sCg, sCn, sCl,  # noqa: N803
+         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+         BLOCK_D: tl.constexpr, N_PAD: tl.constexpr, BL: tl.constexpr):
+    b, g, ch, mask_d, rows, offs_n, mask_n, mask_dn = _program(dim, dg, G, L, N, BLOCK_D, N_PAD)
+    A, bias, Dv = _params(A_p, bias_p, D_p, ch, offs_n, N, mask_d, mask_dn, HAS_BIAS, HAS_D)
     st_rows = ((b * dim + ch)[:, None] * N + offs_n[None, :]) * n_blocks
     h = tl.zeros((BLOCK_D, N_PAD), dtype=tl.float32)
     for c in range(0, n_blocks):
@@ -115,28 +179,17 @@ def _bwd(u_p, delta_p, A_p, B_p, C_p, D_p, z_p, bias_p, states_p, gout_p, glast_
          dim, dg, G, L, N, n_blocks, n_dblk, sBb, sBg, sBn, sBl, sCb, sCg, sCn, sCl,  # noqa: N803
          HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
          HAS_GLAST: tl.constexpr, BLOCK_D: tl.constexpr, N_PAD: tl.constexpr, BL: tl.constexpr):
-    pid_bg, pid_d = tl.program_id(0), tl.program_id(1)
-    b, g = pid_bg // G, pid_bg % G
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < dg
-    ch = g * dg + offs_d
-    rows = (b * dim + ch) * L
-    offs_n = tl.arange(0, N_PAD)
-    mask_n = offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
+    b, g, ch, mask_d, rows, offs_n, mask_n, mask_dn = _program(dim, dg, G, L, N, BLOCK_D, N_PAD)
     dn_rows = (b * dim + ch)[:, None] * N + offs_n[None, :]
-    A = tl.load(A_p + ch[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
-    bias = tl.load(bias_p + ch, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    Dv = tl.load(D_p + ch, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else 0.0
+    A, bias, Dv = _params(A_p, bias_p, D_p, ch, offs_n, N, mask_d, mask_dn, HAS_BIAS, HAS_D)
     Bbase, Cbase = b * sBb + g * sBg, b * sCb + g * sCg  # noqa: N806
     # sums of the (channel block) programs: per (b, g, block, n, t) for dB, dC
-    bc_rows = ((pid_bg * n_dblk + pid_d) * N + offs_n[:, None]) * L
+    bc_rows = ((tl.program_id(0) * n_dblk + tl.program_id(1)) * N + offs_n[:, None]).to(tl.int64) * L
     carry = tl.zeros((BLOCK_D, N_PAD), dtype=tl.float32)
     if HAS_GLAST:
         carry = tl.load(glast_p + dn_rows, mask=mask_dn, other=0.0).to(tl.float32)
     gA = tl.zeros((BLOCK_D, N_PAD), dtype=tl.float32)  # noqa: N806
-    gD = tl.zeros((BLOCK_D,), dtype=tl.float32)  # noqa: N806
-    gbias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    gD, gbias = tl.zeros((BLOCK_D,), dtype=tl.float32), tl.zeros((BLOCK_D,), dtype=tl.float32)  # noqa: N806
     idx = tl.arange(0, BL)
     for i in range(0, n_blocks):
         c = n_blocks - 1 - i
@@ -153,36 +206,15 @@ def _bwd(u_p, delta_p, A_p, B_p, C_p, D_p, z_p, bias_p, states_p, gout_p, glast_
         du = dt * uu
         x = du[:, None, :] * Bt[None, :, :]
         # h_{t-1}: the scan over the inputs one step back, from the block's checkpoint
-        tp = t - 1
-        mp = (tp >= t0) & (tp < L)
-        okp = mask_d[:, None] & mp[None, :]
-        _, dtp = _load_dt(delta_p, bias, rows, tp, okp, HAS_BIAS, SOFTPLUS)
-        up = tl.load(u_p + rows[:, None] + tp[None, :], mask=okp, other=0.0).to(tl.float32)
-        Bp = _load_bc(B_p, Bbase, sBn, sBl, offs_n, tp, mask_n, mp)  # noqa: N806
-        ap = tl.where(mp[None, None, :], tl.exp(dtp[:, None, :] * A[:, :, None]), 1.0)
-        acp, xcp = tl.associative_scan((ap, (dtp * up)[:, None, :] * Bp[None, :, :]), 2, _combine)
         h0 = tl.load(states_p + dn_rows * n_blocks + c, mask=mask_dn, other=0.0)
-        hprev = xcp + acp * h0[:, :, None]
+        hprev = _states_before(delta_p, u_p, B_p, bias, rows, A, Bbase, sBn, sBl, offs_n, mask_d, mask_n,
+                               t, t0, L, h0, HAS_BIAS, SOFTPLUS)
         h = a * hprev + x
         # the gradient reaching y, through the silu(z) gate
-        go = tl.load(gout_p + rows[:, None] + t[None, :], mask=ok, other=0.0).to(tl.float32)
-        gy = go
-        if HAS_Z:
-            zz = tl.load(z_p + rows[:, None] + t[None, :], mask=ok, other=0.0).to(tl.float32)
-            sz = tl.sigmoid(zz)
-            gy = go * zz * sz
-            y = tl.sum(h * Ct[None, :, :], 1)
-            if HAS_D:
-                y = y + uu * Dv[:, None]
-            tl.store(gz_p + rows[:, None] + t[None, :], go * y * sz * (1.0 + zz * (1.0 - sz)), mask=ok)
+        gy = _gate_backward(gout_p, z_p, gz_p, rows, t, ok, h, Ct, uu, Dv, HAS_Z, HAS_D)
         # g_t = C_t gy_t + a_{t+1} g_{t+1}; the carry from the next block enters at the last step
-        tn = t + 1
-        mn = tn < end
-        _, dtn = _load_dt(delta_p, bias, rows, tn, mask_d[:, None] & mn[None, :], HAS_BIAS, SOFTPLUS)
-        an = tl.where(mn[None, None, :], tl.exp(dtn[:, None, :] * A[:, :, None]), 1.0)
         cg = gy[:, None, :] * Ct[None, :, :]
-        cg = cg + tl.where((t == end - 1)[None, None, :], carry[:, :, None], 0.0)
-        _, gh = tl.associative_scan((an, cg), 2, _combine, reverse=True)
+        gh = _state_grads(delta_p, bias, rows, A, mask_d, t, end, cg, carry, HAS_BIAS, SOFTPLUS)
         carry = tl.sum(tl.where((idx == 0)[None, None, :], a * gh, 0.0), 2)
         tl.store(gC_p + bc_rows + t[None, :], tl.sum(gy[:, None, :] * h, 0), mask=mask_n[:, None] & mask_t[None, :])
         tl.store(gB_p + bc_rows + t[None, :], tl.sum(gh * du[:, None, :], 0), mask=mask_n[:, None] & mask_t[None, :])
@@ -219,15 +251,22 @@ def kernels(interpret: bool) -> tuple:
         copy.__annotations__ = dict(f.__annotations__)
         return triton.jit(copy)
 
-    for f in (_combine, _softplus, _load_dt, _load_bc):
+    for f in (_combine, _softplus, _load_dt, _load_bc, _program, _params, _states_before, _state_grads,
+              _gate_backward):
         scope[f.__name__] = jit(f)
     return jit(_fwd), jit(_bwd)
+
+
+def interpreter_ready() -> bool:
+    """Whether CPU tensors can run the kernels: TRITON_INTERPRET=1 was set before triton was
+    imported (Triton's own builtins, such as ``tl.zeros``, are jitted at its import)."""
+    return bool(triton.knobs.runtime.interpret) and not isinstance(tl.zeros, triton.runtime.jit.JITFunction)
 
 
 def _plan(dg: int, n: int) -> tuple[int, int]:
     """(BLOCK_D, N_PAD): powers of 2, d_state padded, the tile kept near _TILE elements."""
     n_pad = triton.next_power_of_2(n)
-    block_d = min(triton.next_power_of_2(dg), max(1, _TILE // (n_pad * BLOCK_L)))
+    block_d = min(triton.next_power_of_2(dg), _MAX_BLOCK_D, max(1, _TILE // (n_pad * BLOCK_L)))
     return block_d, n_pad
 
 
@@ -251,7 +290,7 @@ class TritonScan(torch.autograd.Function):
         b, d, l = u.shape  # noqa: E741
         g, n = B.shape[1], A.shape[1]
         u, delta, A = u.contiguous(), delta.contiguous(), A.contiguous()
-        z = None if z is None else z.contiguous()
+        D, z, delta_bias = (None if t is None else t.contiguous() for t in (D, z, delta_bias))
         block_d, n_pad = _plan(d // g, n)
         n_blocks = math.ceil(l / BLOCK_L)
         out = u.new_empty((b, d, l))
