@@ -277,8 +277,10 @@ class Trainer:
         try:
             done = False
             while not done:
-                self._epoch()
-                complete = self.batches_done >= self.n_batches
+                complete = False  # resumed after the last step: only validation and saving are left
+                if self.step < self.total_steps:
+                    self._epoch()
+                    complete = self.batches_done >= self.n_batches
                 if complete:
                     self.epoch += 1
                     self.batches_done = 0

@@ -155,3 +155,16 @@ def test_out_under_a_file_and_failed_new_run_leave_nothing(prepared_potsdam, tmp
     with pytest.raises(CmdbError, match="boom"):
         trainer.fit()
     assert not (tmp_path / "new").exists()
+
+
+def test_ctrl_c_during_the_last_validation_then_resume_trains_no_extra_step(prepared_potsdam, tmp_path):
+    trainer = Trainer(tiny_settings(prepared_potsdam, tmp_path / "run", max_steps=2, log_images=0), progress=False)
+    trainer.validate = lambda: (_ for _ in ()).throw(KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    saved = _state(tmp_path / "run" / "last.pt")
+    result = train(tiny_settings(prepared_potsdam, tmp_path / "run", max_steps=2, log_images=0,
+                                 resume=tmp_path / "run"), progress=False)
+    assert result.steps == 2 and result.last_metrics is not None
+    final = _state(tmp_path / "run" / "last.pt")
+    assert all(torch.equal(saved[k], final[k]) for k in saved)
