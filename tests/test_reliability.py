@@ -304,3 +304,23 @@ def test_synth_rgbir_near_infrared_is_not_alpha(synth_potsdam_raw):
     with rasterio.open(synth_potsdam_raw.tiles[0].images["rgbir"]) as src:
         assert src.colorinterp[-1] != rasterio.enums.ColorInterp.alpha
         assert all(f == [rasterio.enums.MaskFlags.all_valid] for f in src.mask_flag_enums)
+
+
+def test_predict_keep_going_reports_every_file_and_exits_2(world, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(world.tif, folder / "a_good.tif")
+    shutil.copy(world.bad / "corrupt.tif", folder / "b_corrupt.tif")
+    shutil.copy(world.bad / "truncated.tif", folder / "c_truncated.tif")
+    shutil.copy(world.tif, folder / "d_good.tif")
+    args = ["predict", str(folder), "-o", str(tmp_path / "out"), "-k", str(world.run), "--tile", "64",
+            "--device", "cpu"]
+    stop = CliRunner().invoke(app, args)
+    assert stop.exit_code == 2 and "b_corrupt.tif" in stop.stderr and not (tmp_path / "out").exists()
+    going = CliRunner().invoke(app, args + ["--keep-going"])
+    errors = [ln for ln in going.stderr.splitlines() if ln.startswith("cmdb: error: ")]
+    assert going.exit_code == 2 and "Traceback" not in going.output
+    assert len(errors) == 3 and "b_corrupt.tif" in errors[0] and "c_truncated.tif" in errors[1], errors
+    assert errors[2].endswith("2 of 4 inputs failed")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_good_mask.tif", "d_good_mask.tif"]
+    assert "a_good.tif" in going.stdout and "d_good.tif" in going.stdout

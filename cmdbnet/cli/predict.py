@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from cmdbnet.cli.common import ConfigOption, JsonFlag, cli_errors, console, print_json, settings_from
+from cmdbnet.errors import CmdbError
 from cmdbnet.utils import format_bytes
 
 
@@ -40,6 +41,7 @@ def predict_cmd(
                                             help="Also write the boundary probability (uint8, value/255)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (default auto)."),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (fp16 on CUDA, bf16 on CPU)."),
+    keep_going: bool = typer.Option(False, "--keep-going", help="Skip unreadable inputs; report them and exit 2 at the end."),
     config: Optional[Path] = ConfigOption,
     as_json: bool = JsonFlag,
 ) -> None:
@@ -64,12 +66,16 @@ def predict_cmd(
     settings = settings_from(config, predict={
         "tile": tile, "overlap": overlap, "tta": tta, "batch": batch, "format": fmt,
         "probs": probs, "boundary": boundary, "device": device, "amp": amp})
-    summaries = predict(inputs, out, checkpoint, settings.predict, progress=not as_json)
+    summaries = predict(inputs, out, checkpoint, settings.predict, progress=not as_json, keep_going=keep_going)
     if as_json:
         print_json(summaries)
     else:
         for s in summaries:
-            console.print(summary_line(s), highlight=False, soft_wrap=True)
+            if "error" not in s:
+                console.print(summary_line(s), highlight=False, soft_wrap=True)
+    failed = [s["error"] for s in summaries if "error" in s]
+    if failed:
+        raise CmdbError("\n".join(failed + [f"{len(failed)} of {len(summaries)} inputs failed"]))
 
 
 def register(app: typer.Typer) -> None:

@@ -136,12 +136,13 @@ class _Progress:
 
 def predict(inputs: str | os.PathLike | Iterable[str | os.PathLike], out: str | os.PathLike,
             checkpoint: str | os.PathLike, settings: PredictSettings | None = None,
-            progress: bool = True) -> list[dict[str, Any]]:
+            progress: bool = True, keep_going: bool = False) -> list[dict[str, Any]]:
     """Segment every input raster into GeoTIFF products; returns one summary per file.
 
     ``inputs``: files, folders or glob patterns. ``out``: a .tif file for a single input,
     else a folder (``<stem>_mask.tif``, ``_color``, ``_probs``, ``_boundary``).
     ``checkpoint``: a checkpoint file or a run folder (best.pt, else last.pt).
+    ``keep_going``: a file that cannot be read is reported (``{"input", "error"}``) and skipped.
     """
     s = settings or PredictSettings()
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
@@ -153,19 +154,33 @@ def predict(inputs: str | os.PathLike | Iterable[str | os.PathLike], out: str | 
     if s.boundary and not has_boundary:
         variant = (ckpt.get("settings") or {}).get("model", {}).get("variant", "?")
         raise CmdbError(f"{ckpt_path}: this network (variant {variant}) has no boundary head; drop --boundary")
-    infos = [check_input(f, meta) for f in files]
+    jobs, failed = [], []
+    for f, plan in zip(files, plans):
+        try:
+            jobs.append((check_input(f, meta), plan))
+        except CmdbError as exc:
+            if not keep_going:
+                raise
+            failed.append({"input": str(f), "error": str(exc)})
     predictor = StripPredictor(model, meta.mean, meta.std, s.tile, s.overlap, s.tta, s.batch,
                                device, s.amp, boundary=s.boundary, probs=s.probs)
-    total = sum(predictor.count_windows(i.height, i.width) for i in infos)
+    total = sum(predictor.count_windows(i.height, i.width) for i, _ in jobs)
     summaries = []
     with _Progress(progress, total) as bar:
-        for info, plan in zip(infos, plans):
+        for info, plan in jobs:
             bar.file(info.path.name)
-            summary = _predict_file(predictor, info, plan, meta, ckpt_path, bar)
+            try:
+                summary = _predict_file(predictor, info, plan, meta, ckpt_path, bar)
+            except CmdbError as exc:
+                if keep_going:
+                    failed.append({"input": str(info.path), "error": str(exc)})
+                    continue
+                done = f"; {len(summaries)} of {len(files)} files done before it (--keep-going skips bad files)"
+                raise CmdbError(f"{exc}{done if len(files) > 1 else ''}") from None
             summary.update(device=str(device), tile=s.tile, overlap=s.overlap, tta=s.tta,
                            batch=s.batch, amp=s.amp, checkpoint=str(ckpt_path))
             summaries.append(summary)
-    return summaries
+    return summaries + failed
 
 
 def _predict_file(predictor: StripPredictor, info, plan: dict[str, Path], meta: ModelMeta,
