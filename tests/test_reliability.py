@@ -324,3 +324,29 @@ def test_predict_keep_going_reports_every_file_and_exits_2(world, tmp_path):
     assert errors[2].endswith("2 of 4 inputs failed")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_good_mask.tif", "d_good_mask.tif"]
     assert "a_good.tif" in going.stdout and "d_good.tif" in going.stdout
+
+
+@pytest.mark.parametrize("args", [["train", "--data", "/nonexistent/prepared", "--out", "/tmp/cmdb-never"],
+                                  ["train", "--batch", "0"],
+                                  ["evaluate", "/nonexistent/run", "--data", "/nonexistent/prepared"]])
+def test_bad_arguments_are_rejected_before_torch_loads(args):
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom cmdbnet.cli import app\n"
+            "r = CliRunner().invoke(app, sys.argv[1:])\n"
+            "assert r.exit_code == 2 and r.stderr.startswith('cmdb: error: '), r.output\n"
+            "assert 'torch' not in sys.modules, 'torch imported before the arguments were checked'\n")
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_commands_document_every_option():
+    for command, options in (("train", ("--epochs", "--seed", "--overwrite")),
+                             ("evaluate", ("--device", "--batch", "--workers"))):
+        params = {p.opts[0]: p for p in next(c for c in _click_commands() if c.name == command).params}
+        for option in options:
+            assert params[option].help, f"{command} {option} has no help text"
+
+
+def _click_commands():
+    import typer.main
+
+    return typer.main.get_command(app).commands.values()

@@ -93,7 +93,10 @@ def train_cmd(
                "device": device, "sync_bn": sync_bn, "boundary_weight": boundary_weight, "fit_vram": fit_vram,
                "overwrite": overwrite},
     )
-    from cmdbnet.api import train  # here, not at the top: torch loads only once the flags are valid
+    from cmdbnet.training.setup import check_train_inputs  # here: rasterio would slow every cmdb start
+
+    check_train_inputs(settings, int(os.environ.get("RANK", "0")) == 0)
+    from cmdbnet.api import train  # here, not at the top: torch loads only once the inputs are checked
 
     result = train(settings, progress=not as_json)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports
