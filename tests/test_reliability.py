@@ -152,14 +152,14 @@ def _bad_label_crop(w, tmp: Path, split: str = "train") -> tuple[Path, Path]:
     return data, crops[0]
 
 
-def _cases() -> dict[str, callable]:
-    c: dict[str, callable] = {}
+def _prepare_cases(c: dict) -> None:
+    """Cases of prepare."""
     rgb = np.zeros((3, 256, 256), np.uint8)
-    # ---------------------------------------------------------------- prepare
     c["prepare-missing"] = lambda w, t: Case(_prepare(t / "nope", t / "o"), str(t / "nope"), [t / "o"])
     c["prepare-empty"] = lambda w, t: (t / "e").mkdir() or Case(_prepare(t / "e", t / "o"), str(t / "e"), [t / "o"])
     c["prepare-empty-file"] = lambda w, t: (lambda r: Case(_prepare(r[0], t / "o"), r[1].name,
-                                                             [t / "o" / "manifest.json"]))(_raw_with(w, t, raw_bytes=b""))
+                                                             [t / "o" / "manifest.json"]))(
+        _raw_with(w, t, raw_bytes=b""))
     c["prepare-corrupt"] = lambda w, t: (lambda r: Case(_prepare(r[0], t / "o"), r[1].name,
                                                           [t / "o" / "manifest.json"]))(
         _raw_with(w, t, raw_bytes=b"II*\x00" + bytes(5000)))
@@ -180,14 +180,20 @@ def _cases() -> dict[str, callable]:
     c["prepare-existing-other-settings"] = lambda w, t: Case(
         _prepare(w.raw, _copy_prepared(w, t), "--stride", "64"), "prepared with other settings",
         unchanged=[t / "prepared" / "manifest.json"])
-    # ---------------------------------------------------------------- synth
+
+
+def _synth_cases(c: dict) -> None:
+    """Cases of synth."""
     c["synth-existing"] = lambda w, t: Case(["synth", "potsdam", "-o", str(w.bad), "-n", "1", "-s", "32"], str(w.bad))
     c["synth-unwritable"] = lambda w, t: Case(["synth", "potsdam", "-o", str(w.bad / "a_file" / "s"), "-n", "1",
                                                "-s", "32"], "a_file")
     c["synth-out-of-range"] = lambda w, t: Case(["synth", "potsdam", "-o", str(t / "s"), "-s", "8"], "16 pixels",
                                                 [t / "s"])
     c["synth-wrong-dataset"] = lambda w, t: Case(["synth", "potsdamm", "-o", str(t / "s")], "potsdamm", [t / "s"])
-    # ---------------------------------------------------------------- train
+
+
+def _train_cases(c: dict) -> None:
+    """Cases of train."""
     c["train-missing"] = lambda w, t: Case(_train(w, t / "nope", t / "r"), str(t / "nope"), [t / "r"])
     c["train-empty"] = lambda w, t: (t / "e").mkdir() or Case(_train(w, t / "e", t / "r"), "manifest.json", [t / "r"])
     c["train-corrupt-manifest"] = lambda w, t: (lambda d: (d / "manifest.json").write_text("{oops") and Case(
@@ -199,8 +205,8 @@ def _cases() -> dict[str, callable]:
                                                        "band_count", [t / "r"])
     c["train-wrong-band-count"] = lambda w, t: Case(
         _train(w, _edit_manifest(w, t, band_count=4), t / "r"), "4 bands", [t / "r"])
-    c["train-out-of-range-label"] = lambda w, t: (lambda d: Case(_train(w, d[0], t / "r"), str(d[1].parent), [t / "r"]))(
-        _bad_label_crop(w, t))
+    c["train-out-of-range-label"] = lambda w, t: (lambda d: Case(_train(w, d[0], t / "r"), str(d[1].parent),
+                                                                 [t / "r"]))(_bad_label_crop(w, t))
     c["train-wrong-type-env"] = lambda w, t: Case(_train(w, w.prepared, t / "r"), "CMDB_TRAIN__BTCH", [t / "r"],
                                                   env={"CMDB_TRAIN__BTCH": "4"})
     c["train-wrong-type-config"] = lambda w, t: (t / "c.yaml").write_text("train: {batch: two}\n") and Case(
@@ -212,7 +218,10 @@ def _cases() -> dict[str, callable]:
     for which in ("evil", "truncated", "nan"):
         c[f"train-resume-hostile-{which}"] = lambda w, t, which=which: Case(
             _train(w, w.prepared, t / "r", "--resume", str(_hostile(w, f"{which}.pt"))), f"{which}.pt", [t / "r"])
-    # ---------------------------------------------------------------- evaluate
+
+
+def _evaluate_cases(c: dict) -> None:
+    """Cases of evaluate."""
     c["evaluate-missing-checkpoint"] = lambda w, t: Case(_evaluate(w, t / "no.pt"), "no.pt")
     c["evaluate-missing-data"] = lambda w, t: Case(_evaluate(w, w.run, t / "nope"), str(t / "nope"))
     c["evaluate-empty-run-folder"] = lambda w, t: (t / "e").mkdir() or Case(_evaluate(w, t / "e"), str(t / "e"))
@@ -226,7 +235,10 @@ def _cases() -> dict[str, callable]:
     for which in ("evil", "truncated", "nan"):
         c[f"evaluate-hostile-{which}"] = lambda w, t, which=which: Case(_evaluate(w, _hostile(w, f"{which}.pt")),
                                                                         f"{which}.pt")
-    # ---------------------------------------------------------------- predict
+
+
+def _predict_cases(c: dict) -> None:
+    """Cases of predict."""
     c["predict-missing"] = lambda w, t: Case(_predict(w, t / "no.tif", t / "m.tif"), "no.tif", [t / "m.tif"])
     for which in ("empty", "corrupt", "truncated", "two_bands", "int32"):
         c[f"predict-{which}-input"] = lambda w, t, which=which: Case(
@@ -239,7 +251,10 @@ def _cases() -> dict[str, callable]:
     for which in ("evil", "truncated", "nan"):
         c[f"predict-hostile-{which}"] = lambda w, t, which=which: Case(
             _predict(w, w.tif, t / "m.tif", _hostile(w, f"{which}.pt")), f"{which}.pt", [t / "m.tif"])
-    # ---------------------------------------------------------------- profile-vram, count-params, config
+
+
+def _small_command_cases(c: dict) -> None:
+    """Cases of profile-vram, count-params, config."""
     c["profile-vram-wrong-type"] = lambda w, t: Case(["profile-vram", "--budget", "lots"], "lots")
     c["profile-vram-out-of-range"] = lambda w, t: Case(["profile-vram", "--crop", "8"], "data.crop")
     c["profile-vram-missing-config"] = lambda w, t: Case(["profile-vram", "-c", str(t / "no.yaml")], "no.yaml")
@@ -254,8 +269,15 @@ def _cases() -> dict[str, callable]:
         ["config", "show", "-c", str(t / "c.yaml")], "train.batch")
     c["config-wrong-type-env"] = lambda w, t: Case(["config", "show"], "CMDB_MODEL__D_STATE",
                                                    env={"CMDB_MODEL__D_STATE": "many"})
-    return c
 
+
+
+
+def _cases() -> dict[str, callable]:
+    c: dict[str, callable] = {}
+    for add in (_prepare_cases, _synth_cases, _train_cases, _evaluate_cases, _predict_cases, _small_command_cases):
+        add(c)
+    return c
 
 CASES = _cases()
 

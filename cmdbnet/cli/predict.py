@@ -41,7 +41,8 @@ def predict_cmd(
                                             help="Also write the boundary probability (uint8, value/255)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (default auto)."),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (fp16 on CUDA, bf16 on CPU)."),
-    keep_going: bool = typer.Option(False, "--keep-going", help="Skip unreadable inputs; report them and exit 2 at the end."),
+    keep_going: bool = typer.Option(False, "--keep-going",
+                                    help="Skip unreadable inputs; report them and exit 2 at the end."),
     config: Optional[Path] = ConfigOption,
     as_json: bool = JsonFlag,
 ) -> None:

@@ -65,7 +65,8 @@ def train_cmd(
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (AdamW)."),
     boundary_weight: Optional[float] = typer.Option(None, "--boundary-weight", help="Boundary loss weight (0.3; 0.5 for sharper edges)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Run folder or checkpoint to continue exactly."),
-    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Start over in a --out folder that holds a run."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite",
+                                             help="Start over in a --out folder that holds a run."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed: same seed, same run (default 42)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     sync_bn: Optional[bool] = typer.Option(None, "--sync-bn/--no-sync-bn", help="SyncBatchNorm across GPUs (DDP)."),
@@ -93,12 +94,7 @@ def train_cmd(
                "device": device, "sync_bn": sync_bn, "boundary_weight": boundary_weight, "fit_vram": fit_vram,
                "overwrite": overwrite},
     )
-    from cmdbnet.training.setup import check_train_inputs  # here: rasterio would slow every cmdb start
-
-    check_train_inputs(settings, int(os.environ.get("RANK", "0")) == 0)
-    from cmdbnet.api import train  # here, not at the top: torch loads only once the inputs are checked
-
-    result = train(settings, progress=not as_json)
+    result = _checked_train(settings, as_json)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports
         return
     m = result.last_metrics or {}
@@ -128,6 +124,16 @@ def check_evaluate_inputs(checkpoint: Path, data: Path, split: str) -> None:
     if not crops.get(split):
         have = ", ".join(s for s, v in crops.items() if v) or "none"
         raise CmdbError(f"--split {split}: {data} has no crops in that split; splits with crops: {have}")
+
+
+def _checked_train(settings, as_json: bool):
+    """Check data and run folder first, then import torch and train: a typo is reported at once."""
+    from cmdbnet.training.setup import check_train_inputs  # here: rasterio would slow every cmdb start
+
+    check_train_inputs(settings, int(os.environ.get("RANK", "0")) == 0)
+    from cmdbnet.api import train  # here, not at the top: torch loads only once the inputs are checked
+
+    return train(settings, progress=not as_json)
 
 
 def evaluate_cmd(

@@ -321,6 +321,23 @@ def _run_jobs(jobs: list[TileJob], workers: int, progress: bool, add: Callable[[
             pool.shutdown(wait=True)
 
 
+def _annotate(manifest: dict[str, Any], images: list[Path], ordered: list[dict[str, Any]],
+              ignore_index: int) -> None:
+    """Add NaN/inf pixel counts and non-8-bit band statistics to the manifest; warn about NaN pixels."""
+    bad = {image: r.get("nonfinite", 0) for image, r in zip(images, ordered) if r.get("nonfinite", 0)}
+    manifest["nonfinite_pixels"] = {"policy": NONFINITE_POLICY, "total": sum(bad.values()),
+                                    "images": {str(k): v for k, v in bad.items()}}
+    stats = band_statistics(ordered) if manifest["dtype"] != "uint8" else None
+    if stats:
+        manifest.update(stats, stats_note=f"per-band mean/std of the training tiles ({manifest['dtype']} data): "
+                                          "train uses them unless data.mean/data.std are set")
+    if bad:
+        first = next(iter(bad))
+        warnings.warn(f"{sum(bad.values())} NaN/inf pixel(s) in {len(bad)} image(s) (e.g. {first}: {bad[first]} px): "
+                      f"set to 0 and labelled ignore ({ignore_index}), so training and scores skip them",
+                      PrepareWarning, stacklevel=3)
+
+
 def prepare(dataset: str, root: str | os.PathLike, out: str | os.PathLike, crop: int = 256,
             stride: int | None = None, eroded: bool = False, bands: str | None = None, workers: int = 0,
             progress: bool = True) -> dict[str, Any]:
@@ -372,17 +389,6 @@ def prepare(dataset: str, root: str | os.PathLike, out: str | os.PathLike, crop:
     records.update(assembler.records)
     ordered = [records[t.key] for t in scan.tiles]
     manifest = build_manifest(spec, band, params, scan, infos, ordered, root, EDGE_RULE)
-    bad = {t.image: r.get("nonfinite", 0) for t, r in zip(scan.tiles, ordered) if r.get("nonfinite", 0)}
-    manifest["nonfinite_pixels"] = {"policy": NONFINITE_POLICY, "total": sum(bad.values()),
-                                    "images": {str(k): v for k, v in bad.items()}}
-    stats = band_statistics(ordered) if manifest["dtype"] != "uint8" else None
-    if stats:
-        manifest.update(stats, stats_note=f"per-band mean/std of the training tiles ({manifest['dtype']} data): "
-                                          "train uses them unless data.mean/data.std are set")
-    if bad:
-        first = next(iter(bad))
-        warnings.warn(f"{sum(bad.values())} NaN/inf pixel(s) in {len(bad)} image(s) (e.g. {first}: {bad[first]} px): "
-                      f"set to 0 and labelled ignore ({spec.ignore_index}), so training and scores skip them",
-                      PrepareWarning, stacklevel=2)
+    _annotate(manifest, [t.image for t in scan.tiles], ordered, spec.ignore_index)
     write_manifest(out, manifest)
     return manifest

@@ -10,6 +10,7 @@ run ends with the same weights.
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 import time
@@ -186,7 +187,7 @@ class Trainer:
             try:
                 losses, stepped = run_step_group(self.model, self.loss_fn, batches, weights, self.optimizer,
                                                  self.scaler, self.precision, self.device, self.cfg.grad_clip,
-                                                 self.dist, hook, lambda ok: self._commit(group_end, ok))
+                                                 self.dist, hook, functools.partial(self._commit, group_end))
             except torch.OutOfMemoryError as exc:
                 self.batches_done = group_start
                 self._back_off(exc)

@@ -16,9 +16,9 @@ from cmdbnet.api import train
 from cmdbnet.checkpoint import load_checkpoint, save_checkpoint
 from cmdbnet.errors import CmdbError
 from cmdbnet.runtime import Precision
+from cmdbnet.settings import load_settings
 from cmdbnet.training.loop import Trainer
 from cmdbnet.training.step import run_step_group
-from cmdbnet.settings import load_settings
 
 TINY_MODEL = {"backbone": "resnet18", "pretrained": "off", "mamba_depths": [1, 1, 1, 1], "d_state": 4,
               "fusion_channels": 32, "drop_path": 0.1}  # as in test_train.py
