@@ -372,3 +372,12 @@ def _click_commands():
     import typer.main
 
     return typer.main.get_command(app).commands.values()
+
+
+def test_predict_removes_temporaries_a_killed_run_left(world, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".scene_mask.tif.x1y2z3.part.tif").write_bytes(b"half a mask")
+    result = CliRunner().invoke(app, _predict(world, world.tif, out))
+    assert result.exit_code == 0, result.output[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["scene_mask.tif"]

@@ -154,6 +154,9 @@ def predict(inputs: str | os.PathLike | Iterable[str | os.PathLike], out: str | 
     if s.boundary and not has_boundary:
         variant = (ckpt.get("settings") or {}).get("model", {}).get("variant", "?")
         raise CmdbError(f"{ckpt_path}: this network (variant {variant}) has no boundary head; drop --boundary")
+    for path in (p for plan in plans for p in plan.values()):  # left by a run killed mid-write
+        for stale in path.parent.glob(f".{path.name}.*.part*"):
+            stale.unlink(missing_ok=True)
     jobs, failed = [], []
     for f, plan in zip(files, plans):
         try:
