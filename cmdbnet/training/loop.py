@@ -179,12 +179,12 @@ class Trainer:
             group_start = self.batches_done
             group_end = min((group_start // self.accum + 1) * self.accum, n_batches)
             rng0 = rng_state()
-            batches = [next(it) for _ in range(group_end - group_start)]
-            sizes = [b["label"].shape[0] for b in batches]
-            weights = [s / sum(sizes) for s in sizes]
-            t0 = time.perf_counter()
             hook = (lambda: self.fault_hook(self.step, self.micro_batch)) if self.fault_hook else None
             try:
+                batches = [next(it) for _ in range(group_end - group_start)]
+                sizes = [b["label"].shape[0] for b in batches]
+                weights = [s / sum(sizes) for s in sizes]
+                t0 = time.perf_counter()
                 losses, stepped = run_step_group(self.model, self.loss_fn, batches, weights, self.optimizer,
                                                  self.scaler, self.precision, self.device, self.cfg.grad_clip,
                                                  self.dist, hook, functools.partial(self._commit, group_end))
