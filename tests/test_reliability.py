@@ -215,6 +215,10 @@ def _train_cases(c: dict) -> None:
     c["train-unwritable"] = lambda w, t: Case(_train(w, w.prepared, w.bad / "a_file" / "r"), "a_file")
     c["train-existing-run"] = lambda w, t: Case(_train(w, w.prepared, w.run), "--resume",
                                                 unchanged=[w.run / "last.pt", w.run / "best.pt"])
+    c["train-hostile-backbone-weights"] = lambda w, t: (t / "c.yaml").write_text(yaml.safe_dump(
+        {**yaml.safe_load(w.cfg.read_text()), "model": {**TINY_MODEL, "backbone_weights": str(w.bad / "evil.pt")}})
+    ) and Case(["train", "-c", str(t / "c.yaml"), "--data", str(w.prepared), "--out", str(t / "r")],
+               "evil.pt: refused to load: the file holds Python objects or code, not only weights (it calls", [t / "r"])
     for which in ("evil", "truncated", "nan"):
         c[f"train-resume-hostile-{which}"] = lambda w, t, which=which: Case(
             _train(w, w.prepared, t / "r", "--resume", str(_hostile(w, f"{which}.pt"))), f"{which}.pt", [t / "r"])
