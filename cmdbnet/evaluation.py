@@ -130,7 +130,8 @@ def evaluate(checkpoint: str | Path, prepared: str | Path, split: str = "val", t
         "warnings": [] if trained_on == data_is else [
             f"the checkpoint was trained on {trained_on} but {prepared} is {data_is}: the scores compare "
             "different data"],
-        "protocol": {**metrics.protocol(), "dataset": data_is, "checkpoint_dataset": trained_on, "split": split,
+        "protocol": {**metrics.protocol(), "dataset": manifest["dataset"], "bands": manifest.get("bands"),
+                     "checkpoint_dataset": trained_on, "split": split,
                      "eroded_labels": bool(manifest.get("eroded", False)), "tta": tta,
                      "crops": len(loader.dataset), "checkpoint": str(checkpoint),
                      "split_policy": manifest.get("split_policy")},

@@ -152,14 +152,14 @@ def _bad_label_crop(w, tmp: Path, split: str = "train") -> tuple[Path, Path]:
     return data, crops[0]
 
 
-def _cases() -> dict[str, callable]:
-    c: dict[str, callable] = {}
+def _prepare_cases(c: dict) -> None:
+    """Cases of prepare."""
     rgb = np.zeros((3, 256, 256), np.uint8)
-    # ---------------------------------------------------------------- prepare
     c["prepare-missing"] = lambda w, t: Case(_prepare(t / "nope", t / "o"), str(t / "nope"), [t / "o"])
     c["prepare-empty"] = lambda w, t: (t / "e").mkdir() or Case(_prepare(t / "e", t / "o"), str(t / "e"), [t / "o"])
     c["prepare-empty-file"] = lambda w, t: (lambda r: Case(_prepare(r[0], t / "o"), r[1].name,
-                                                             [t / "o" / "manifest.json"]))(_raw_with(w, t, raw_bytes=b""))
+                                                             [t / "o" / "manifest.json"]))(
+        _raw_with(w, t, raw_bytes=b""))
     c["prepare-corrupt"] = lambda w, t: (lambda r: Case(_prepare(r[0], t / "o"), r[1].name,
                                                           [t / "o" / "manifest.json"]))(
         _raw_with(w, t, raw_bytes=b"II*\x00" + bytes(5000)))
@@ -180,14 +180,20 @@ def _cases() -> dict[str, callable]:
     c["prepare-existing-other-settings"] = lambda w, t: Case(
         _prepare(w.raw, _copy_prepared(w, t), "--stride", "64"), "prepared with other settings",
         unchanged=[t / "prepared" / "manifest.json"])
-    # ---------------------------------------------------------------- synth
+
+
+def _synth_cases(c: dict) -> None:
+    """Cases of synth."""
     c["synth-existing"] = lambda w, t: Case(["synth", "potsdam", "-o", str(w.bad), "-n", "1", "-s", "32"], str(w.bad))
     c["synth-unwritable"] = lambda w, t: Case(["synth", "potsdam", "-o", str(w.bad / "a_file" / "s"), "-n", "1",
                                                "-s", "32"], "a_file")
     c["synth-out-of-range"] = lambda w, t: Case(["synth", "potsdam", "-o", str(t / "s"), "-s", "8"], "16 pixels",
                                                 [t / "s"])
     c["synth-wrong-dataset"] = lambda w, t: Case(["synth", "potsdamm", "-o", str(t / "s")], "potsdamm", [t / "s"])
-    # ---------------------------------------------------------------- train
+
+
+def _train_cases(c: dict) -> None:
+    """Cases of train."""
     c["train-missing"] = lambda w, t: Case(_train(w, t / "nope", t / "r"), str(t / "nope"), [t / "r"])
     c["train-empty"] = lambda w, t: (t / "e").mkdir() or Case(_train(w, t / "e", t / "r"), "manifest.json", [t / "r"])
     c["train-corrupt-manifest"] = lambda w, t: (lambda d: (d / "manifest.json").write_text("{oops") and Case(
@@ -199,8 +205,8 @@ def _cases() -> dict[str, callable]:
                                                        "band_count", [t / "r"])
     c["train-wrong-band-count"] = lambda w, t: Case(
         _train(w, _edit_manifest(w, t, band_count=4), t / "r"), "4 bands", [t / "r"])
-    c["train-out-of-range-label"] = lambda w, t: (lambda d: Case(_train(w, d[0], t / "r"), str(d[1].parent), [t / "r"]))(
-        _bad_label_crop(w, t))
+    c["train-out-of-range-label"] = lambda w, t: (lambda d: Case(_train(w, d[0], t / "r"), str(d[1].parent),
+                                                                 [t / "r"]))(_bad_label_crop(w, t))
     c["train-wrong-type-env"] = lambda w, t: Case(_train(w, w.prepared, t / "r"), "CMDB_TRAIN__BTCH", [t / "r"],
                                                   env={"CMDB_TRAIN__BTCH": "4"})
     c["train-wrong-type-config"] = lambda w, t: (t / "c.yaml").write_text("train: {batch: two}\n") and Case(
@@ -209,10 +215,17 @@ def _cases() -> dict[str, callable]:
     c["train-unwritable"] = lambda w, t: Case(_train(w, w.prepared, w.bad / "a_file" / "r"), "a_file")
     c["train-existing-run"] = lambda w, t: Case(_train(w, w.prepared, w.run), "--resume",
                                                 unchanged=[w.run / "last.pt", w.run / "best.pt"])
+    c["train-hostile-backbone-weights"] = lambda w, t: (t / "c.yaml").write_text(yaml.safe_dump(
+        {**yaml.safe_load(w.cfg.read_text()), "model": {**TINY_MODEL, "backbone_weights": str(w.bad / "evil.pt")}})
+    ) and Case(["train", "-c", str(t / "c.yaml"), "--data", str(w.prepared), "--out", str(t / "r")],
+               "evil.pt: refused to load: the file holds Python objects or code, not only weights (it calls", [t / "r"])
     for which in ("evil", "truncated", "nan"):
         c[f"train-resume-hostile-{which}"] = lambda w, t, which=which: Case(
             _train(w, w.prepared, t / "r", "--resume", str(_hostile(w, f"{which}.pt"))), f"{which}.pt", [t / "r"])
-    # ---------------------------------------------------------------- evaluate
+
+
+def _evaluate_cases(c: dict) -> None:
+    """Cases of evaluate."""
     c["evaluate-missing-checkpoint"] = lambda w, t: Case(_evaluate(w, t / "no.pt"), "no.pt")
     c["evaluate-missing-data"] = lambda w, t: Case(_evaluate(w, w.run, t / "nope"), str(t / "nope"))
     c["evaluate-empty-run-folder"] = lambda w, t: (t / "e").mkdir() or Case(_evaluate(w, t / "e"), str(t / "e"))
@@ -226,7 +239,10 @@ def _cases() -> dict[str, callable]:
     for which in ("evil", "truncated", "nan"):
         c[f"evaluate-hostile-{which}"] = lambda w, t, which=which: Case(_evaluate(w, _hostile(w, f"{which}.pt")),
                                                                         f"{which}.pt")
-    # ---------------------------------------------------------------- predict
+
+
+def _predict_cases(c: dict) -> None:
+    """Cases of predict."""
     c["predict-missing"] = lambda w, t: Case(_predict(w, t / "no.tif", t / "m.tif"), "no.tif", [t / "m.tif"])
     for which in ("empty", "corrupt", "truncated", "two_bands", "int32"):
         c[f"predict-{which}-input"] = lambda w, t, which=which: Case(
@@ -239,7 +255,10 @@ def _cases() -> dict[str, callable]:
     for which in ("evil", "truncated", "nan"):
         c[f"predict-hostile-{which}"] = lambda w, t, which=which: Case(
             _predict(w, w.tif, t / "m.tif", _hostile(w, f"{which}.pt")), f"{which}.pt", [t / "m.tif"])
-    # ---------------------------------------------------------------- profile-vram, count-params, config
+
+
+def _small_command_cases(c: dict) -> None:
+    """Cases of profile-vram, count-params, config."""
     c["profile-vram-wrong-type"] = lambda w, t: Case(["profile-vram", "--budget", "lots"], "lots")
     c["profile-vram-out-of-range"] = lambda w, t: Case(["profile-vram", "--crop", "8"], "data.crop")
     c["profile-vram-missing-config"] = lambda w, t: Case(["profile-vram", "-c", str(t / "no.yaml")], "no.yaml")
@@ -254,8 +273,15 @@ def _cases() -> dict[str, callable]:
         ["config", "show", "-c", str(t / "c.yaml")], "train.batch")
     c["config-wrong-type-env"] = lambda w, t: Case(["config", "show"], "CMDB_MODEL__D_STATE",
                                                    env={"CMDB_MODEL__D_STATE": "many"})
-    return c
 
+
+
+
+def _cases() -> dict[str, callable]:
+    c: dict[str, callable] = {}
+    for add in (_prepare_cases, _synth_cases, _train_cases, _evaluate_cases, _predict_cases, _small_command_cases):
+        add(c)
+    return c
 
 CASES = _cases()
 
@@ -282,13 +308,12 @@ def test_bad_input_is_one_clean_line(name, world, tmp_path):
 
 
 def test_worker_error_crosses_the_process_boundary_as_one_line(world, tmp_path):
-    """A bad label found by a data-loader worker, in a real process: still one line, no traceback."""
+    """A bad label found in a data-loader worker process: still one line, no traceback, no run folder."""
     data, crop = _bad_label_crop(world, tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "cmdbnet", *_train(world, data, tmp_path / "r", "--workers", "2")],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("cmdb: error: ")]
-    assert len(lines) == 1 and "labels/" in lines[0] and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    result = CliRunner().invoke(app, _train(world, data, tmp_path / "r", "--workers", "2"))
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("cmdb: error: ")]
+    assert result.exit_code == 2, result.output[-3000:]
+    assert len(lines) == 1 and "labels/" in lines[0] and "Traceback" not in result.output, result.stderr[-3000:]
     assert not (tmp_path / "r").exists()
 
 
@@ -304,3 +329,62 @@ def test_synth_rgbir_near_infrared_is_not_alpha(synth_potsdam_raw):
     with rasterio.open(synth_potsdam_raw.tiles[0].images["rgbir"]) as src:
         assert src.colorinterp[-1] != rasterio.enums.ColorInterp.alpha
         assert all(f == [rasterio.enums.MaskFlags.all_valid] for f in src.mask_flag_enums)
+
+
+def test_predict_keep_going_reports_every_file_and_exits_2(world, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(world.tif, folder / "a_good.tif")
+    shutil.copy(world.bad / "corrupt.tif", folder / "b_corrupt.tif")
+    shutil.copy(world.bad / "truncated.tif", folder / "c_truncated.tif")
+    shutil.copy(world.tif, folder / "d_good.tif")
+    args = ["predict", str(folder), "-o", str(tmp_path / "out"), "-k", str(world.run), "--tile", "64",
+            "--device", "cpu"]
+    stop = CliRunner().invoke(app, args)
+    assert stop.exit_code == 2 and "b_corrupt.tif" in stop.stderr and not (tmp_path / "out").exists()
+    going = CliRunner().invoke(app, args + ["--keep-going"])
+    errors = [ln for ln in going.stderr.splitlines() if ln.startswith("cmdb: error: ")]
+    assert going.exit_code == 2 and "Traceback" not in going.output
+    assert len(errors) == 3 and "b_corrupt.tif" in errors[0] and "c_truncated.tif" in errors[1], errors
+    assert errors[2].endswith("2 of 4 inputs failed")
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert [n for n in written if n.endswith(".tif")] == ["a_good_mask.tif", "d_good_mask.tif"]
+    summary = json.loads((tmp_path / "out" / "predict_summary.json").read_text())
+    assert [Path(f["input"]).name for f in summary["failed"]] == ["b_corrupt.tif", "c_truncated.tif"]
+    assert "a_good.tif" in going.stdout and "d_good.tif" in going.stdout
+
+
+@pytest.mark.parametrize("args", [["train", "--data", "/nonexistent/prepared", "--out", "/tmp/cmdb-never"],
+                                  ["train", "--batch", "0"],
+                                  ["evaluate", "/nonexistent/run", "--data", "/nonexistent/prepared"]])
+def test_bad_arguments_are_rejected_before_torch_loads(args):
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom cmdbnet.cli import app\n"
+            "r = CliRunner().invoke(app, sys.argv[1:])\n"
+            "assert r.exit_code == 2 and r.stderr.startswith('cmdb: error: '), r.output\n"
+            "assert 'torch' not in sys.modules, 'torch imported before the arguments were checked'\n")
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_commands_document_every_option():
+    for command, options in (("train", ("--epochs", "--seed", "--overwrite")),
+                             ("evaluate", ("--device", "--batch", "--workers"))):
+        params = {p.opts[0]: p for p in next(c for c in _click_commands() if c.name == command).params}
+        for option in options:
+            assert params[option].help, f"{command} {option} has no help text"
+
+
+def _click_commands():
+    import typer.main
+
+    return typer.main.get_command(app).commands.values()
+
+
+def test_predict_removes_temporaries_a_killed_run_left(world, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".scene_mask.tif.x1y2z3.part.tif").write_bytes(b"half a mask")
+    result = CliRunner().invoke(app, _predict(world, world.tif, out))
+    assert result.exit_code == 0, result.output[-2000:]
+    names = sorted(p.name for p in out.iterdir())
+    assert "scene_mask.tif" in names and not [n for n in names if ".part" in n], names

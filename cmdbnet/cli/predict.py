@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from cmdbnet.cli.common import ConfigOption, JsonFlag, cli_errors, console, print_json, settings_from
+from cmdbnet.errors import CmdbError
 from cmdbnet.utils import format_bytes
 
 
@@ -51,6 +52,8 @@ def predict_command(
     vector: Optional[Path] = typer.Option(None, "--vector", help="Also write the masks' polygons to this .gpkg."),
     vector_classes: Optional[str] = typer.Option(None, "--vector-classes",
                                                  help="Comma-separated classes to polygonise (default all)."),
+    keep_going: bool = typer.Option(False, "--keep-going",
+                                    help="Skip unreadable inputs; report them and exit 2 at the end."),
     config: Optional[Path] = ConfigOption,
     as_json: bool = JsonFlag,
 ) -> None:
@@ -85,7 +88,8 @@ def predict_command(
     with warnings.catch_warnings(record=True) as notes:
         warnings.simplefilter("always", PredictNote)
         summaries = predict(inputs, out, checkpoint, settings.predict, progress=not as_json,
-                            overwrite=overwrite, vector=vector, vector_classes=classes)
+                            overwrite=overwrite, vector=vector, vector_classes=classes,
+                            keep_going=keep_going)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports for all
     for note in notes:
@@ -94,7 +98,11 @@ def predict_command(
         print_json(summaries)
     else:
         for s in summaries:
-            console.print(summary_line(s), highlight=False, soft_wrap=True)
+            if "error" not in s:
+                console.print(summary_line(s), highlight=False, soft_wrap=True)
+    failed = [s["error"] for s in summaries if "error" in s]
+    if failed:
+        raise CmdbError("\n".join(failed + [f"{len(failed)} of {len(summaries)} inputs failed"]))
 
 
 def register(app: typer.Typer) -> None:

@@ -30,8 +30,8 @@ def metrics_table(result: dict, title: str) -> Table:
 
 def protocol_line(p: dict) -> str:
     inc = ", ".join(p.get("included_in_means", []))
-    trained = p.get("checkpoint_dataset")
-    data = p.get("dataset") if trained in (None, p.get("dataset")) else f"{p.get('dataset')} (checkpoint: {trained})"
+    trained, data = p.get("checkpoint_dataset"), f"{p.get('dataset')} {p.get('bands')}"
+    data = p.get("dataset") if trained in (None, data) else f"{data} (checkpoint: {trained})"
     return (f"protocol: dataset {data} split {p.get('split')} | means over: {inc} | "
             f"labels {'eroded' if p.get('eroded_labels') else 'full'} | OA over all classes | "
             f"boundary {p.get('boundary_dilation')} | TTA {p.get('tta', 'none')}")

@@ -32,7 +32,8 @@ def train_command(
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (AdamW)."),
     boundary_weight: Optional[float] = typer.Option(None, "--boundary-weight", help="Boundary loss weight (0.3; 0.5 for sharper edges)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Run folder or checkpoint to continue exactly."),
-    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Start over in a --out folder that holds a run."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite",
+                                             help="Start over in a --out folder that holds a run."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed: same seed, same run (default 42)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     sync_bn: Optional[bool] = typer.Option(None, "--sync-bn/--no-sync-bn", help="SyncBatchNorm across GPUs (DDP)."),
@@ -60,9 +61,7 @@ def train_command(
                "device": device, "sync_bn": sync_bn, "boundary_weight": boundary_weight, "fit_vram": fit_vram,
                "overwrite": overwrite},
     )
-    from cmdbnet.api import train  # here, not at the top: torch loads only once the flags are valid
-
-    result = train(settings, progress=not as_json)
+    result = _checked_train(settings, as_json)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports
         return
     m = result.last_metrics or {}
@@ -78,6 +77,16 @@ def train_command(
         console.print(metrics_table({**m, "protocol": {}}, f"validation after {result.steps} steps"))
     console.print(f"best val mIoU {fmt(result.best_miou)} | checkpoints {result.run_dir}/best.pt, last.pt | "
                   f"TensorBoard: tensorboard --logdir {result.run_dir / 'tb'}")
+
+
+def _checked_train(settings, as_json: bool):
+    """Check data and run folder first, then import torch and train: a typo is reported at once."""
+    from cmdbnet.training.setup import check_train_inputs  # here: rasterio would slow every cmdb start
+
+    check_train_inputs(settings, int(os.environ.get("RANK", "0")) == 0)
+    from cmdbnet.api import train  # here, not at the top: torch loads only once the inputs are checked
+
+    return train(settings, progress=not as_json)
 
 
 def register(app: typer.Typer) -> None:

@@ -132,6 +132,7 @@ def cut_tile(job: TileJob, on_strip: Callable[[int], None] | None = None) -> dic
     cols = axis_starts(info.width, crop, job.stride)
     counts = np.zeros(256, np.int64)
     nonfinite = 0
+    sums = np.zeros((3, info.count)) if info.dtype != "uint8" else None  # per band: n, sum, sum of squares
     written: list[Path] = []
     stems: list[str] = []
     try:
@@ -151,12 +152,13 @@ def cut_tile(job: TileJob, on_strip: Callable[[int], None] | None = None) -> dic
                 index = decoder(read_rows(lab, y, crop, "label"))
                 if (index == UNKNOWN).any():
                     raise decoder.off_palette_error(lab)
-                if strip.dtype.kind == "f":
-                    bad = ~np.isfinite(strip).all(axis=0)
-                    if bad.any():
-                        nonfinite += int(bad.sum())
-                        strip[:, bad] = 0
-                        index[bad] = spec.ignore_index
+                bad = ~np.isfinite(strip).all(axis=0) if strip.dtype.kind == "f" else None
+                if bad is not None and bad.any():
+                    nonfinite += int(bad.sum())
+                    strip[:, bad] = 0
+                    index[bad] = spec.ignore_index
+                if sums is not None:
+                    sums += _band_sums(strip, bad)
                 for x in cols:
                     stem = f"{tile.key}_{y:05d}_{x:05d}"
                     where = {"transform": window_transform(img.transform, y, x)} if geo else {}
@@ -172,11 +174,31 @@ def cut_tile(job: TileJob, on_strip: Callable[[int], None] | None = None) -> dic
                     on_strip(len(cols))
         root = Path(job.root)
         files = {what: _file_record(getattr(tile, what), root) for what in job.checksums}
-        return {"crops": stems, "counts": counts.tolist(), "files": files, "nonfinite": nonfinite}
+        return {"crops": stems, "counts": counts.tolist(), "files": files, "nonfinite": nonfinite,
+                "band_sums": sums.tolist() if sums is not None else None}
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
         raise
+
+
+def _band_sums(strip: np.ndarray, bad: np.ndarray | None) -> np.ndarray:
+    """(3, C): pixel count, sum and sum of squares per band of a strip's valid pixels."""
+    x = strip.reshape(strip.shape[0], -1).astype(np.float64)
+    if bad is not None:
+        x = x[:, ~bad.ravel()]
+    return np.stack([np.full(x.shape[0], x.shape[1], np.float64), x.sum(1), (x * x).sum(1)])
+
+
+def band_statistics(records: list[dict[str, Any]]) -> dict[str, list[float]] | None:
+    """Per-band mean and std of the training tiles (non-8-bit data), or None when not computed."""
+    parts = [np.asarray(r["band_sums"]) for r in records if r["split"] == "train" and r.get("band_sums")]
+    if not parts:
+        return None
+    n, total, squares = np.sum(parts, axis=0)
+    mean = total / np.maximum(n, 1)
+    std = np.sqrt(np.maximum(squares / np.maximum(n, 1) - mean ** 2, 0.0))
+    return {"mean": [round(float(m), 4) for m in mean], "std": [round(float(max(v, 1e-6)), 4) for v in std]}
 
 
 def split_jobs(base: dict[str, Any], tile: RawTile, info: RasterInfo, parts: int) -> list[TileJob]:
@@ -218,7 +240,9 @@ class _Assembler:
                   "image": files["image"], "label": files["label"], "height": job.info.height,
                   "width": job.info.width, "crs": job.info.crs, "crops": sorted(s for p in parts for s in p["crops"]),
                   "class_pixels": counts[:self.k].tolist(), "ignored": int(counts[self.ignore]),
-                  "nonfinite": sum(p.get("nonfinite", 0) for p in parts)}
+                  "nonfinite": sum(p.get("nonfinite", 0) for p in parts),
+                  "band_sums": (np.sum([p["band_sums"] for p in parts], axis=0).tolist()
+                                if all(p.get("band_sums") for p in parts) else None)}
         mark_done(self.out, tile, self.params, record)
         self.records[key] = record
 
@@ -294,6 +318,23 @@ def _run_jobs(jobs: list[TileJob], workers: int, progress: bool, add: Callable[[
             pool.shutdown(wait=True)
 
 
+def _annotate(manifest: dict[str, Any], images: list[Path], ordered: list[dict[str, Any]],
+              ignore_index: int) -> None:
+    """Add NaN/inf pixel counts and non-8-bit band statistics to the manifest; warn about NaN pixels."""
+    bad = {image: r.get("nonfinite", 0) for image, r in zip(images, ordered) if r.get("nonfinite", 0)}
+    manifest["nonfinite_pixels"] = {"policy": NONFINITE_POLICY, "total": sum(bad.values()),
+                                    "images": {str(k): v for k, v in bad.items()}}
+    stats = band_statistics(ordered) if manifest["dtype"] != "uint8" else None
+    if stats:
+        manifest.update(stats, stats_note=f"per-band mean/std of the training tiles ({manifest['dtype']} data): "
+                                          "train uses them unless data.mean/data.std are set")
+    if bad:
+        first = next(iter(bad))
+        warnings.warn(f"{sum(bad.values())} NaN/inf pixel(s) in {len(bad)} image(s) (e.g. {first}: {bad[first]} px): "
+                      f"set to 0 and labelled ignore ({ignore_index}), so training and scores skip them",
+                      PrepareWarning, stacklevel=3)
+
+
 def prepare(dataset: str, root: str | os.PathLike, out: str | os.PathLike, crop: int = 256,
             stride: int | None = None, eroded: bool = False, bands: str | None = None, workers: int = 0,
             progress: bool = True) -> dict[str, Any]:
@@ -345,13 +386,6 @@ def prepare(dataset: str, root: str | os.PathLike, out: str | os.PathLike, crop:
     records.update(assembler.records)
     ordered = [records[t.key] for t in scan.tiles]
     manifest = build_manifest(spec, band, params, scan, infos, ordered, root, EDGE_RULE)
-    bad = {t.image: r.get("nonfinite", 0) for t, r in zip(scan.tiles, ordered) if r.get("nonfinite", 0)}
-    manifest["nonfinite_pixels"] = {"policy": NONFINITE_POLICY, "total": sum(bad.values()),
-                                    "images": {str(k): v for k, v in bad.items()}}
-    if bad:
-        first = next(iter(bad))
-        warnings.warn(f"{sum(bad.values())} NaN/inf pixel(s) in {len(bad)} image(s) (e.g. {first}: {bad[first]} px): "
-                      f"set to 0 and labelled ignore ({spec.ignore_index}), so training and scores skip them",
-                      PrepareWarning, stacklevel=2)
+    _annotate(manifest, [t.image for t in scan.tiles], ordered, spec.ignore_index)
     write_manifest(out, manifest)
     return manifest

@@ -110,7 +110,7 @@ def _on_main(info: DistInfo, fn) -> None:
 def predict(inputs: str | os.PathLike | Iterable[str | os.PathLike], out: str | os.PathLike,
             checkpoint: str | os.PathLike, settings: PredictSettings | None = None,
             progress: bool = True, overwrite: bool = False, vector: str | os.PathLike | None = None,
-            vector_classes: list[str] | None = None) -> list[dict[str, Any]]:
+            vector_classes: list[str] | None = None, keep_going: bool = False) -> list[dict[str, Any]]:
     """Segment every input raster into GeoTIFF products; returns one summary per file.
 
     ``inputs``: files, folders or glob patterns. ``out``: a .tif file for a single input,
@@ -118,7 +118,9 @@ def predict(inputs: str | os.PathLike | Iterable[str | os.PathLike], out: str | 
     ``mosaic.vrt`` and ``predict_summary.json``). ``checkpoint``: a checkpoint file or a run
     folder (best.pt, else last.pt). Complete outputs of an earlier identical run are
     skipped unless ``overwrite``. ``vector``: a GeoPackage of the mask's polygons (classes
-    ``vector_classes``, default all). Under torchrun every rank calls this (module doc).
+    ``vector_classes``, default all). ``keep_going``: an input that cannot be read or
+    predicted is reported as ``{"input", "error"}`` and the others go on. Under torchrun every
+    rank calls this (module doc).
     """
     s = settings or PredictSettings()
     owns_group = not dist.is_initialized()
@@ -129,11 +131,12 @@ def predict(inputs: str | os.PathLike | Iterable[str | os.PathLike], out: str | 
         plans = plan_outputs(files, out, s)
         out = Path(out)
         single = not out.is_dir() and out.suffix.lower() in OUTPUT_EXTS
-        run = _Run(s, files, plans, checkpoint, dinfo, progress, overwrite)
+        run = _Run(s, files, plans, checkpoint, dinfo, progress, overwrite, keep_going)
         run.vector = Path(vector) if vector else None
         run.vector_ids = check_vector(run.vector, vector_classes, run.meta.classes)
         if run.vector and "mask" not in plans[0]:
             raise CmdbError("--vector traces the class-index mask: use --format index or both")
+        run.survey_inputs()  # before the lock: a bad input leaves no output folder behind
         lock = RunLock(lock_path(out, single), out)
         _on_main(dinfo, lambda: (lock.acquire(), clean_parts(out.parent if single else out)))
         try:
@@ -149,8 +152,10 @@ class _Run:
     """One predict run on one rank: survey, shard, predict, assemble, mosaic, vectorise, report."""
 
     def __init__(self, s: PredictSettings, files: list[Path], plans: list[dict[str, Path]],
-                 checkpoint: str | os.PathLike, dinfo: DistInfo, progress: bool, overwrite: bool):
+                 checkpoint: str | os.PathLike, dinfo: DistInfo, progress: bool, overwrite: bool,
+                 keep_going: bool = False):
         self.s, self.files, self.plans, self.dinfo = s, files, plans, dinfo
+        self.keep_going, self.failed = keep_going, {}  # failed: input index -> its error
         self.progress, self.overwrite = progress and dinfo.is_main, overwrite
         self.device = pick_device(s.device, dinfo.local_rank)
         self.ckpt_path = resolve_checkpoint(checkpoint)
@@ -165,14 +170,23 @@ class _Run:
         self.vector_ids: list[int] = []
         self.notes: list[str] = []
 
-    def go(self, folder: Path | None) -> list[dict[str, Any]]:
-        t0 = time.time()
+    def survey_inputs(self) -> None:
+        """Read every input's header and find the outputs an identical earlier run completed."""
+        self.t0 = time.time()
         self.ckpt_sha = file_sha256(self.ckpt_path)
         self.run_fp = run_fingerprint(self.ckpt_sha, self.s)
         self.survey = self._survey()
+
+    def go(self, folder: Path | None) -> list[dict[str, Any]]:
+        t0 = self.t0
         results = gather(self._work(), self.dinfo)
+        for r in results:
+            self.failed.update(r["failed"])
         summaries = self._collect(results)
         error = next((r["error"] for r in results if r["error"]), None)
+        if error and len(self.files) > 1:
+            done = sum(1 for s in summaries if "error" not in s)
+            error += f"; {done} of {len(self.files)} files done (--keep-going skips bad files)"
         if not error:
             error = next((e for e in gather(self._assemble(results), self.dinfo) if e), None)
         if not error and self.vector is not None:
@@ -191,24 +205,28 @@ class _Run:
     def _survey(self) -> list[tuple[Any, str, bool]]:
         """(InputInfo, fingerprint, complete) per input; ranks share the header reads."""
         mine: dict[int, tuple[Any, str, bool]] = {}
-        error = None
+        error, failed = None, {}
         for i in range(self.dinfo.rank, len(self.files), self.dinfo.world_size):
             try:
                 info = check_input(self.files[i], self.meta)
             except CmdbError as exc:
-                error = (i, str(exc))
-                break
+                if not self.keep_going:
+                    error = (i, str(exc))
+                    break
+                failed[i], mine[i] = str(exc), (None, "", True)  # done: never scheduled
+                continue
             fp = input_fingerprint(self.run_fp, self.files[i])
             done = not self.overwrite and all(output_complete(p, fp, info.width, info.height)
                                               for p in self.plans[i].values())
             mine[i] = (info, fp, done)
-        results = gather({"items": mine, "error": error}, self.dinfo)
+        results = gather({"items": mine, "error": error, "failed": failed}, self.dinfo)
         errors = sorted(r["error"] for r in results if r["error"])
         if errors:
             raise CmdbError(errors[0][1])
         merged: dict[int, tuple[Any, str, bool]] = {}
         for r in results:
             merged.update(r["items"])
+            self.failed.update(r["failed"])
         return [merged[i] for i in range(len(self.files))]
 
     def _units(self) -> list[list[Unit]]:
@@ -233,7 +251,7 @@ class _Run:
         """Predict this rank's shard; stops at its first error, other ranks carry on."""
         self.shards = self._units()
         mine = self.shards[self.dinfo.rank]
-        summaries, error = [], None
+        summaries, error, failed = [], None, {}
         total = sum(self.predictor.count_windows(self.survey[u.file][0].height, self.survey[u.file][0].width,
                                                  u.rows) for u in mine)
         with Progress(self.progress, total) as bar:
@@ -246,11 +264,14 @@ class _Run:
                     summary = predict_file(self.predictor, info, out, self.meta, self._tags(u.file), bar,
                                            self.s.cog, band)
                 except CmdbError as exc:
+                    if self.keep_going:
+                        failed[u.file] = str(exc)
+                        continue
                     error = str(exc)
                     break
                 summaries.append({**summary, "file": u.file, "part": u.part, "parts": u.parts,
                                   "rank": self.dinfo.rank})
-        return {"summaries": summaries, "error": error}
+        return {"summaries": summaries, "error": error, "failed": failed}
 
     def _collect(self, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """One summary per input in input order: predicted (bands merged), skipped, or none if failed."""
@@ -261,6 +282,9 @@ class _Run:
         out = []
         for i, (info, _, done) in enumerate(self.survey):
             plan = self.plans[i]
+            if i in self.failed:
+                out.append({"input": str(self.files[i]), "error": self.failed[i]})
+                continue
             if done:
                 out.append({"input": str(self.files[i]), "outputs": {n: str(p) for n, p in plan.items()},
                             "width": info.width, "height": info.height, "skipped": True})
@@ -280,7 +304,8 @@ class _Run:
         """This rank's share of split rasters: copy their bands into the final products."""
         if any(r["error"] for r in results):
             return None
-        split = sorted({s["file"] for r in results for s in r["summaries"] if s["parts"] > 1})
+        split = sorted({s["file"] for r in results for s in r["summaries"]
+                        if s["parts"] > 1 and s["file"] not in self.failed})
         for k, i in enumerate(split):
             if k % self.dinfo.world_size != self.dinfo.rank:
                 continue
@@ -297,17 +322,20 @@ class _Run:
         """Each rank traces its share of masks into a part; rank 0 merges them into one GeoPackage."""
         assert self.vector is not None
         world, rank = self.dinfo.world_size, self.dinfo.rank
-        shards = assign([Unit(i, 0, 1, None, inf.width * inf.height) for i, (inf, _, _) in enumerate(self.survey)],
+        ok = [i for i in range(len(self.files)) if i not in self.failed]
+        if not ok:
+            return None
+        shards = assign([Unit(i, 0, 1, None, self.survey[i][0].width * self.survey[i][0].height) for i in ok],
                         world)
         part = self.vector.parent / f".{self.vector.name}.rank{rank}.part.gpkg"
         sets, notes, error, ref_crs = [], [], None, None
         try:
-            ref_crs = polygonise(self.plans[0]["mask"], [], self.meta.classes)["crs"]
+            ref_crs = polygonise(self.plans[ok[0]]["mask"], [], self.meta.classes)["crs"]
             for u in shards[rank]:
                 p = polygonise(self.plans[u.file]["mask"], self.vector_ids, self.meta.classes)
                 if p["crs"] != ref_crs:
                     notes.append(f"--vector: {self.plans[u.file]['mask'].name} is in another CRS than "
-                                 f"{self.plans[0]['mask'].name}; its polygons are left out of {self.vector.name}")
+                                 f"{self.plans[ok[0]]['mask'].name}; its polygons are left out of {self.vector.name}")
                     continue
                 sets.append(p)
             part.parent.mkdir(parents=True, exist_ok=True)
@@ -342,8 +370,9 @@ class _Run:
             "settings": self.s.model_dump(mode="json"), "ranks": self.dinfo.world_size,
             "seconds": round(seconds, 3), "error": error,
             "inputs": [str(f) for f in self.files],
-            "outputs": [o for s in summaries for o in s["outputs"].values()],
+            "outputs": [o for s in summaries for o in s.get("outputs", {}).values()],
             "skipped": sum(1 for s in summaries if s.get("skipped")),
+            "failed": [s for s in summaries if "error" in s],
             "mosaic": str(getattr(self, "vrt", None) or "") or None,
             "vector": str(self.vector) if self.vector and not error else None,
             "polygons": getattr(self, "polygons", None),

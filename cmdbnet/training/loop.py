@@ -10,8 +10,8 @@ run ends with the same weights.
 
 from __future__ import annotations
 
+import functools
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -23,7 +23,6 @@ import torch
 
 from cmdbnet.checkpoint import load_checkpoint, save_checkpoint
 from cmdbnet.data.loaders import batches_per_epoch, eval_loader, train_loader
-from cmdbnet.data.manifest import read_manifest
 from cmdbnet.errors import CmdbError
 from cmdbnet.evaluation import make_metrics, score_loader
 from cmdbnet.losses import CMDBLoss
@@ -42,7 +41,7 @@ from cmdbnet.runtime import (
 from cmdbnet.settings import Settings
 from cmdbnet.training.console import TrainUI, scan_note
 from cmdbnet.training.optim import build_optimizer, build_scheduler
-from cmdbnet.training.setup import dataset_info, settings_for_data
+from cmdbnet.training.setup import check_train_inputs, dataset_info, prepare_run_dir, settings_for_data
 from cmdbnet.training.step import run_step_group
 from cmdbnet.training.tensorboard import TBLogger, preview_strip
 from cmdbnet.utils import write_text_atomic
@@ -71,14 +70,9 @@ class Trainer:
         self.device = pick_device(settings.train.device, self.dist.local_rank)
         if settings.train.fit_vram:
             raise CmdbError("train.fit_vram is resolved before the run starts (cmdbnet.api.resolve_fit_vram)")
-        if settings.data.prepared is None:
-            raise CmdbError("no prepared data: pass --data PREPARED (the output folder of cmdb prepare)")
-        self.cfg = settings.train
-        self.run_dir = Path(self.cfg.out)
+        self.run_dir = Path(settings.train.out)
         self.fresh = not self.run_dir.exists()
-        if self.dist.is_main:
-            check_run_dir(self.run_dir, self.cfg.resume is not None, self.cfg.overwrite)
-        self.manifest = read_manifest(settings.data.prepared)
+        self.manifest = check_train_inputs(settings, self.dist.is_main)
         settings = settings_for_data(settings, self.manifest)
         self.cfg = settings.train
         self.stop_after_steps, self.fault_hook = stop_after_steps, fault_hook
@@ -184,15 +178,15 @@ class Trainer:
             group_start = self.batches_done
             group_end = min((group_start // self.accum + 1) * self.accum, n_batches)
             rng0 = rng_state()
-            batches = [next(it) for _ in range(group_end - group_start)]
-            sizes = [b["label"].shape[0] for b in batches]
-            weights = [s / sum(sizes) for s in sizes]
-            t0 = time.perf_counter()
             hook = (lambda: self.fault_hook(self.step, self.micro_batch)) if self.fault_hook else None
             try:
+                batches = [next(it) for _ in range(group_end - group_start)]
+                sizes = [b["label"].shape[0] for b in batches]
+                weights = [s / sum(sizes) for s in sizes]
+                t0 = time.perf_counter()
                 losses, stepped = run_step_group(self.model, self.loss_fn, batches, weights, self.optimizer,
                                                  self.scaler, self.precision, self.device, self.cfg.grad_clip,
-                                                 self.dist, hook, lambda ok, end=group_end: self._commit(end, ok))
+                                                 self.dist, hook, functools.partial(self._commit, group_end))
             except torch.OutOfMemoryError as exc:
                 self.batches_done = group_start
                 self._back_off(exc)
@@ -276,8 +270,10 @@ class Trainer:
         try:
             done = False
             while not done:
-                self._epoch()
-                complete = self.batches_done >= self.n_batches
+                complete = False  # resumed after the last step: only validation and saving are left
+                if self.step < self.total_steps:
+                    self._epoch()
+                    complete = self.batches_done >= self.n_batches
                 if complete:
                     self.epoch += 1
                     self.batches_done = 0
@@ -314,36 +310,6 @@ class Trainer:
         return (f"{self.settings.model.variant} on {self.device} | {self.precision.label} | micro-batch "
                 f"{self.micro_batch} x accum {self.accum} x {self.dist.world_size} rank(s) | "
                 f"crop {self.settings.data.crop} | {self.total_steps} steps")
-
-
-RUN_FILES = ("best.pt", "last.pt", "settings.yaml")
-
-
-def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse a run folder that cannot be made, or that holds a run this one would replace."""
-    parent = run_dir
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if parent.exists() and not parent.is_dir():
-        raise CmdbError(f"--out {run_dir}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CmdbError(f"--out {run_dir}: cannot write in {parent} (permission denied)")
-    held = [n for n in RUN_FILES[:2] if (run_dir / n).is_file()]  # settings.yaml alone: nothing to lose
-    if held and not resume and not overwrite:
-        raise CmdbError(f"{run_dir} already holds a run ({', '.join(held)}): continue it with --resume {run_dir}, "
-                        "or start over with --overwrite")
-
-
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Create the run folder; drop temporary files a killed run left, and the old run on --overwrite."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name in RUN_FILES:
-        for stale in run_dir.glob(f".{name}.*.part*"):
-            stale.unlink(missing_ok=True)
-    if overwrite:
-        for name in RUN_FILES:
-            (run_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(run_dir / "tb", ignore_errors=True)
 
 
 def train(settings: Settings, progress: bool = True, stop_after_steps: int | None = None,

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
+from cmdbnet.data.manifest import read_manifest
 from cmdbnet.errors import CmdbError
-from cmdbnet.settings import Settings
+from cmdbnet.settings import DataSettings, Settings
 
 
 def dataset_info(manifest: dict, settings: Settings) -> dict[str, Any]:
@@ -19,10 +23,57 @@ def dataset_info(manifest: dict, settings: Settings) -> dict[str, Any]:
 
 
 def settings_for_data(settings: Settings, manifest: dict) -> Settings:
-    """Fit the model's input and output sizes to the prepared data."""
+    """Fit the model's input and output sizes, and non-8-bit data's statistics, to the prepared data."""
     bands = int(manifest["band_count"])
+    dtype = manifest.get("dtype", "uint8")
+    defaults = DataSettings()
+    if dtype != "uint8" and (settings.data.mean, settings.data.std) == (defaults.mean, defaults.std):
+        if not manifest.get("mean") or not manifest.get("std"):
+            raise CmdbError(f"{settings.data.prepared} holds {dtype} pixels, but data.mean/data.std are 8-bit "
+                            "ImageNet statistics: re-run cmdb prepare (it computes them) or set both in your config")
+        data = settings.data.model_copy(update={"mean": list(manifest["mean"]), "std": list(manifest["std"])})
+        settings = settings.model_copy(update={"data": data})
     if len(settings.data.mean) != bands:
         raise CmdbError(f"data.mean/data.std have {len(settings.data.mean)} values but the prepared data has "
                         f"{bands} bands; set data.mean and data.std (one value per band) in your config")
     model = settings.model.model_copy(update={"num_classes": len(manifest["classes"]), "in_channels": bands})
     return settings.model_copy(update={"model": model})
+
+
+RUN_FILES = ("best.pt", "last.pt", "settings.yaml")
+
+
+def check_train_inputs(settings: Settings, is_main: bool = True) -> dict[str, Any]:
+    """What a run can check before torch loads (prepared data, run folder); returns the manifest."""
+    if settings.data.prepared is None:
+        raise CmdbError("no prepared data: pass --data PREPARED (the output folder of cmdb prepare)")
+    if is_main:
+        check_run_dir(Path(settings.train.out), settings.train.resume is not None, settings.train.overwrite)
+    return read_manifest(settings.data.prepared)
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a run folder that cannot be made, or that holds a run this one would replace."""
+    parent = run_dir
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise CmdbError(f"--out {run_dir}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CmdbError(f"--out {run_dir}: cannot write in {parent} (permission denied)")
+    held = [n for n in RUN_FILES[:2] if (run_dir / n).is_file()]  # settings.yaml alone: nothing to lose
+    if held and not resume and not overwrite:
+        raise CmdbError(f"{run_dir} already holds a run ({', '.join(held)}): continue it with --resume {run_dir}, "
+                        "or start over with --overwrite")
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Create the run folder; drop temporary files a killed run left, and the old run on --overwrite."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:
+        for stale in run_dir.glob(f".{name}.*.part*"):
+            stale.unlink(missing_ok=True)
+    if overwrite:
+        for name in RUN_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "tb", ignore_errors=True)

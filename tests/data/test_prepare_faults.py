@@ -17,10 +17,13 @@ import rasterio
 
 from cmdbnet.data.dataset import PreparedDataset
 from cmdbnet.data.preparation import PrepareWarning, prepare
+from cmdbnet.errors import CmdbError
+from cmdbnet.settings import load_settings
+from cmdbnet.training.setup import settings_for_data
 
 
-def _float_raw(synth_potsdam_raw, dst: Path, tiles: int = 2) -> Path:
-    """Potsdam RGB tiles as float32, as some pipelines export them."""
+def _float_raw(synth_potsdam_raw, dst: Path, tiles: int = 2, dtype: str = "float32", scale: float = 1.0) -> Path:
+    """Potsdam RGB tiles as float32 (or another type, times ``scale``), as some pipelines export them."""
     for tile in synth_potsdam_raw.tiles[:tiles]:
         for src in (tile.images["rgb"], tile.label):
             target = dst / src.relative_to(synth_potsdam_raw.root)
@@ -28,8 +31,8 @@ def _float_raw(synth_potsdam_raw, dst: Path, tiles: int = 2) -> Path:
             shutil.copy2(src, target)
         image = dst / tile.images["rgb"].relative_to(synth_potsdam_raw.root)
         with rasterio.open(image) as s:
-            profile, array = s.profile, s.read().astype(np.float32)
-        profile.update(dtype="float32")
+            profile, array = s.profile, (s.read() * scale).astype(dtype)
+        profile.update(dtype=dtype)
         with rasterio.open(image, "w", **profile) as d:
             d.write(array)
     return dst
@@ -103,3 +106,19 @@ def test_sigkill_of_prepare_leaves_no_worker_running(synth_potsdam_raw, tmp_path
         manifest = prepare("potsdam", synth_potsdam_raw.root, out, crop=32, stride=16, progress=False)
     assert not [p for p in out.rglob(".*.part*")]
     assert sum(len(v) for v in manifest["crops"].values()) == sum(1 for _ in out.rglob("images/*.tif"))
+
+
+def test_uint16_data_gets_its_own_statistics(synth_potsdam_raw, tmp_path):
+    raw = _float_raw(synth_potsdam_raw, tmp_path / "raw", dtype="uint16", scale=100.0)
+    manifest = prepare("potsdam", raw, tmp_path / "out", crop=128, progress=False)
+    train_image = next(raw.rglob("*2_10_RGB.tif"))  # the one training tile of the two
+    with rasterio.open(train_image) as src:
+        pixels = src.read().reshape(3, -1).astype(np.float64)
+    np.testing.assert_allclose(manifest["mean"], pixels.mean(1), rtol=1e-4)
+    np.testing.assert_allclose(manifest["std"], pixels.std(1), rtol=1e-4)
+    settings = load_settings(None, {"data": {"prepared": tmp_path / "out"}})
+    assert settings_for_data(settings, manifest).data.mean == manifest["mean"]
+    custom = load_settings(None, {"data": {"prepared": tmp_path / "out", "mean": [1, 2, 3], "std": [4, 5, 6]}})
+    assert settings_for_data(custom, manifest).data.mean == [1, 2, 3]
+    with pytest.raises(CmdbError, match="uint16 pixels, but data.mean/data.std are 8-bit"):
+        settings_for_data(settings, {k: v for k, v in manifest.items() if k not in ("mean", "std")})

@@ -128,7 +128,13 @@ def test_sigint_mid_forward_then_resume_is_bit_exact(prepared_potsdam, tmp_path)
     assert load_checkpoint(run / "last.pt")["step"] == 2
     second = drive(0)
     assert second.returncode == 0, second.stderr[-2000:]
-    assert drive(-1, tmp_path / "full").returncode == 0  # the same run, not interrupted (same threads)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the children (OMP_NUM_THREADS=1): same reductions, same bits
+    try:
+        train(load_settings(cfg, {"data": {"prepared": prepared_potsdam}, "train": {"out": tmp_path / "full"}}),
+              progress=False)
+    finally:
+        torch.set_num_threads(threads)
     a, b = _state(tmp_path / "full" / "last.pt"), _state(run / "last.pt")
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, f"{len(differ)} tensors differ after resume, e.g. {differ[:3]}"
@@ -155,3 +161,16 @@ def test_out_under_a_file_and_failed_new_run_leave_nothing(prepared_potsdam, tmp
     with pytest.raises(CmdbError, match="boom"):
         trainer.fit()
     assert not (tmp_path / "new").exists()
+
+
+def test_ctrl_c_during_the_last_validation_then_resume_trains_no_extra_step(prepared_potsdam, tmp_path):
+    trainer = Trainer(tiny_settings(prepared_potsdam, tmp_path / "run", max_steps=2, log_images=0), progress=False)
+    trainer.validate = lambda: (_ for _ in ()).throw(KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    saved = _state(tmp_path / "run" / "last.pt")
+    result = train(tiny_settings(prepared_potsdam, tmp_path / "run", max_steps=2, log_images=0,
+                                 resume=tmp_path / "run"), progress=False)
+    assert result.steps == 2 and result.last_metrics is not None
+    final = _state(tmp_path / "run" / "last.pt")
+    assert all(torch.equal(saved[k], final[k]) for k in saved)

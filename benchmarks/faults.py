@@ -1,0 +1,269 @@
+"""Interrupt ``prepare``, ``train`` and ``predict`` at random points, re-run them, check what is left.
+
+The slow half of the reliability matrix (``tests/test_reliability.py``). For each case a
+command runs in a child process and receives, after a seeded random delay, either SIGINT
+sent to its whole process group (what Ctrl-C does) or SIGKILL sent to the command's own
+process (``kill -9 PID``). Then the same command is run again (``train`` with ``--resume``
+when a ``last.pt`` exists) and its results are compared with an uninterrupted reference run.
+
+Per case it checks:
+
+* clean: the interrupted run printed no traceback (SIGINT: ``cmdb: interrupted`` and exit 130);
+  the re-run exited 0 without a traceback,
+* partial files: files under final names (not ``.*.part*``) that do not read back whole,
+* orphans: processes of the command's tree still running 3 s after it ended,
+* bit-identical: the re-run's crops / final weights and buffers / mask equal the reference's,
+* finite: every checkpoint ever found holds only finite weights.
+
+    python benchmarks/faults.py [--cases 12] [--seed 0] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import rasterio
+import torch
+import yaml
+
+CONFIG = {"model": {"backbone": "resnet18", "pretrained": "off", "mamba_depths": [1, 1, 1, 1], "d_state": 4,
+                    "fusion_channels": 32},
+          "data": {"crop": 64, "workers": 0},
+          "train": {"batch": 4, "accum": 2, "max_steps": 6, "amp": False, "device": "cpu", "seed": 1,
+                    "warmup_steps": 1, "log_images": 0}}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+@dataclass
+class Outcome:
+    command: str
+    sig: str
+    delay: float
+    clean: bool = True
+    traceback: bool = False
+    partial: list[str] = field(default_factory=list)
+    orphans: int = 0
+    identical: bool = False
+    checkpoints: int = 0
+    finite: int = 0
+
+
+def _descendants(pid: int) -> set[int]:
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = {int(c) for t in Path(f"/proc/{p}/task").iterdir()
+                    for c in (t / "children").read_text().split()}
+        except OSError:
+            continue
+        todo.extend(kids - found)
+        found |= kids
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def interrupted_run(cmd: list[str], sig: int, delay: float) -> tuple[int, str, int]:
+    """Run ``cmd``, signal it after ``delay`` s; (exit status, stderr, processes left running)."""
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    tree: set[int] = set()
+    end = time.monotonic() + delay
+    while time.monotonic() < end and proc.poll() is None:
+        tree |= _descendants(proc.pid)
+        time.sleep(0.02)
+    if proc.poll() is None:
+        tree |= _descendants(proc.pid)
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches every process of the foreground group
+        else:
+            os.kill(proc.pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    time.sleep(3.0)
+    left = [p for p in tree if _alive(p)]
+    for p in left:  # leave the machine clean for the next case
+        os.kill(p, signal.SIGKILL)
+    return proc.returncode, err, len(left)
+
+
+def rerun(cmd: list[str]) -> tuple[int, str]:
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
+    return proc.returncode, proc.stderr
+
+
+def unreadable(folder: Path) -> list[str]:
+    """Files under final names that do not read back whole."""
+    bad = []
+    for path in folder.rglob("*"):
+        if not path.is_file() or path.name.startswith(".") or "tb" in path.relative_to(folder).parts:
+            continue
+        try:
+            if path.suffix == ".tif":
+                with rasterio.open(path) as src:
+                    src.read()
+            elif path.suffix == ".pt":
+                torch.load(path, weights_only=True)
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+            elif path.suffix == ".yaml":
+                yaml.safe_load(path.read_text())
+        except Exception:  # noqa: BLE001 - any failure to read back is what is counted
+            bad.append(str(path.relative_to(folder)))
+    return bad
+
+
+def checkpoints_finite(folder: Path, o: Outcome) -> None:
+    for path in folder.glob("*.pt"):
+        o.checkpoints += 1
+        state = torch.load(path, weights_only=True)["model"]
+        o.finite += all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
+def tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.tif"))}
+
+
+def judge(o: Outcome, code: int, err: str, sig: int) -> None:
+    o.traceback = "Traceback" in err
+    if sig == signal.SIGINT:
+        # -SIGINT: CPython ends with SIGINT (a shell shows 130 either way) when the interrupt landed
+        # inside an import run by C code (torch's), even after cmdb caught it and printed its line.
+        o.clean = code == 0 or (code in (130, -signal.SIGINT) and "cmdb: interrupted" in err and not o.traceback)
+    else:
+        o.clean = code in (0, -signal.SIGKILL) and not o.traceback
+
+
+def case_prepare(work: Path, i: int, sig: int, delay: float, ref: Path, cmd) -> Outcome:
+    o = Outcome("prepare", sig.name, delay)
+    out = work / f"prep{i}"
+    code, err, o.orphans = interrupted_run(cmd(out), sig, delay)
+    judge(o, code, err, sig)
+    o.partial = unreadable(out) if out.exists() else []
+    code, err = rerun(cmd(out))
+    o.traceback |= "Traceback" in err
+    o.clean &= code == 0
+    o.identical = (code == 0 and tree_bytes(out) == tree_bytes(ref)
+                   and (out / "manifest.json").read_text() == (ref / "manifest.json").read_text()
+                   and not list(out.rglob(".*.part*")))
+    return o
+
+
+def case_train(work: Path, i: int, sig: int, delay: float, ref: Path, cmd) -> Outcome:
+    o = Outcome("train", sig.name, delay)
+    run = work / f"run{i}"
+    code, err, o.orphans = interrupted_run(cmd(run), sig, delay)
+    judge(o, code, err, sig)
+    o.partial = unreadable(run) if run.exists() else []
+    checkpoints_finite(run, o)
+    again = cmd(run) + (["--resume", str(run)] if (run / "last.pt").is_file() else [])
+    code, err = rerun(again)
+    o.traceback |= "Traceback" in err
+    o.clean &= code == 0
+    checkpoints_finite(run, o)
+    if code == 0:
+        a = torch.load(ref / "last.pt", weights_only=True)["model"]
+        b = torch.load(run / "last.pt", weights_only=True)["model"]
+        o.identical = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    o.identical &= not list(run.glob(".*.part*"))
+    return o
+
+
+def case_predict(work: Path, i: int, sig: int, delay: float, ref: Path, cmd) -> Outcome:
+    o = Outcome("predict", sig.name, delay)
+    out = work / f"pred{i}"
+    code, err, o.orphans = interrupted_run(cmd(out), sig, delay)
+    judge(o, code, err, sig)
+    o.partial = unreadable(out) if out.exists() else []
+    code, err = rerun(cmd(out))
+    o.traceback |= "Traceback" in err
+    o.clean &= code == 0
+    o.identical = code == 0 and tree_bytes(out) == tree_bytes(ref) and not list(out.rglob(".*.part*"))
+    return o
+
+
+def timed(cmd: list[str]) -> float:
+    t0 = time.monotonic()
+    code, err = rerun(cmd)
+    if code != 0:
+        raise SystemExit(f"reference run failed: {' '.join(cmd)}\n{err[-2000:]}")
+    return time.monotonic() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", type=int, default=12, help="cases in all, spread over the three commands")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep", type=Path, help="work in this folder and keep it")
+    args = ap.parse_args()
+    work = args.keep or Path(tempfile.mkdtemp(prefix="cmdb-faults-"))
+    work.mkdir(parents=True, exist_ok=True)
+    cli = [sys.executable, "-m", "cmdbnet"]
+    raw = work / "raw"
+    if not raw.exists():
+        subprocess.run(cli + ["synth", "potsdam", "-o", str(raw), "-n", "6", "-s", "384"], env=ENV, check=True,
+                       capture_output=True)
+    cfg = work / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(CONFIG))
+    scene = raw / "2_Ortho_RGB" / "top_potsdam_2_13_RGB.tif"
+    cmds = {
+        "prepare": lambda out: cli + ["prepare", "potsdam", "-r", str(raw), "-o", str(out), "--crop", "64",
+                                      "--workers", "2"],
+        "train": lambda out: cli + ["train", "-c", str(cfg), "--data", str(work / "ref-prep"), "--out", str(out)],
+        "predict": lambda out: cli + ["predict", str(scene), "-o", str(out), "-k", str(work / "ref-run"),
+                                      "--tile", "64", "--device", "cpu"],
+    }
+    for path in ("ref-prep", "ref-run", "ref-pred"):
+        shutil.rmtree(work / path, ignore_errors=True)
+    durations = {name: timed(cmds[name](work / ref)) for name, ref in
+                 (("prepare", "ref-prep"), ("train", "ref-run"), ("predict", "ref-pred"))}
+    refs = {"prepare": work / "ref-prep", "train": work / "ref-run", "predict": work / "ref-pred"}
+    runners = {"prepare": case_prepare, "train": case_train, "predict": case_predict}
+    rng = random.Random(args.seed)
+    outcomes = []
+    for i in range(args.cases):
+        name = ("prepare", "train", "predict")[i % 3]
+        sig = (signal.SIGINT, signal.SIGKILL)[(i // 3) % 2]
+        delay = round(rng.uniform(0.25, 1.0) * durations[name], 2)
+        o = runners[name](work, i, sig, delay, refs[name], cmds[name])
+        print(f"{name:8s} {sig.name:7s} at {delay:6.2f} s: clean {o.clean} traceback {o.traceback} partial "
+              f"{len(o.partial)} orphans {o.orphans} identical {o.identical} finite {o.finite}/{o.checkpoints}",
+              flush=True)
+        outcomes.append(o)
+    report(outcomes, durations)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def report(outcomes: list[Outcome], durations: dict[str, float]) -> None:
+    print("\nreference runs: " + ", ".join(f"{k} {v:.1f} s" for k, v in durations.items()))
+    print("| command | cases | clean errors | tracebacks | partial files | orphan processes | "
+          "resumes bit-identical | checkpoints finite |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in ("prepare", "train", "predict", "all"):
+        os_ = [o for o in outcomes if name in ("all", o.command)]
+        ck = sum(o.checkpoints for o in os_)
+        print(f"| {name} | {len(os_)} | {sum(o.clean for o in os_)} | {sum(o.traceback for o in os_)} | "
+              f"{sum(len(o.partial) for o in os_)} | {sum(o.orphans for o in os_)} | "
+              f"{sum(o.identical for o in os_)}/{len(os_)} | "
+              + (f"{sum(o.finite for o in os_)}/{ck}" if ck else "-") + " |")
+
+
+if __name__ == "__main__":
+    main()
