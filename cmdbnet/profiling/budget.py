@@ -24,8 +24,8 @@ import torch
 from cmdbnet.data.registry import IGNORE_INDEX
 from cmdbnet.errors import CmdbError
 from cmdbnet.losses import CMDBLoss
-from cmdbnet.models import build_model, scan
-from cmdbnet.profiling.tracing import skeleton, trace_forward, trace_loss
+from cmdbnet.models import build_model
+from cmdbnet.profiling.tracing import cuda_scan_backend, skeleton, trace_forward, trace_loss
 from cmdbnet.runtime import pick_device, resolve_precision
 from cmdbnet.settings import ModelSettings, Settings
 from cmdbnet.training.optim import build_optimizer
@@ -160,7 +160,7 @@ class _Surface:
             return _bilinear(get(t1), get(t2), None if t3 is None else get(t3), *args)
 
         def states(scans) -> int:  # (b, d, l, n) traced at (2, ref): l scales with the pixels
-            return sum(scan.state_bytes(batch, d, l * args[1] // args[2], n) for _, d, l, n in scans)
+            return sum(t1.scan_state_bytes(batch, d, l * args[1] // args[2], n) for _, d, l, n in scans)
 
         loss, per_sample = self._loss(), batch * args[1] / args[2]
         recompute = max((q(lambda t, i=i: t.stages[i][0]) + states(s) for i, (_, s) in enumerate(t1.stages)),
@@ -172,7 +172,9 @@ class _Surface:
 
 
 @functools.lru_cache(maxsize=16)
-def _surface(settings_json: str, amp: bool, amp_dtype: str, checkpointing: bool, ref_crop: int) -> _Surface:
+def _surface(settings_json: str, amp: bool, amp_dtype: str, checkpointing: bool, ref_crop: int,
+             scan_backend: str) -> _Surface:
+    """Cached per settings and per scan backend modelled (``CMDB_SCAN_BACKEND`` can change it)."""
     return _Surface(Settings.model_validate_json(settings_json), amp, amp_dtype, checkpointing, ref_crop)
 
 
@@ -187,11 +189,11 @@ def _param_bytes(settings: Settings) -> tuple[int, int]:
 
 
 def estimate(settings: Settings, ref_crop: int | None = None) -> MemoryReport:
-    """Estimated peak GPU memory of one training step of ``settings`` on CUDA (see memory.py)."""
+    """Estimated peak GPU memory of one training step of ``settings`` on CUDA (see ``tracing``)."""
     c = MemoryConfig.from_settings(settings)
     ref = ref_crop or c.crop
     key = MemoryConfig(4, 1, ref, False, "fp16", False).apply(settings)  # one surface serves every lever
-    surface = _surface(key.model_dump_json(), c.amp, c.amp_dtype, c.checkpointing, ref)
+    surface = _surface(key.model_dump_json(), c.amp, c.amp_dtype, c.checkpointing, ref, cuda_scan_backend())
     a = surface.at(c.batch, c.crop)
     weights, trainable = _param_bytes(settings)
     transient = 2 * a["largest"] + a["recompute"]
@@ -205,7 +207,8 @@ def estimate(settings: Settings, ref_crop: int | None = None) -> MemoryReport:
     notes = [f"estimated for a CUDA run: traced on fake CUDA tensors with CUDA's {c.amp_dtype} autocast rules"
              if c.amp else "estimated for a CUDA run: traced on fake CUDA tensors (fp32)",
              "activations: storages alive after forward and loss (saved for backward, outputs, batch, "
-             f"checkpoint inputs), incl. {format_bytes(a['scan_states'])} of torch-scan chunk states",
+             f"checkpoint inputs), incl. {format_bytes(a['scan_states'])} of state saved by the "
+             f"{cuda_scan_backend()} scan (the one CUDA tensors would run here)",
              f"backward transient: 2 x the largest activation ({format_bytes(a['largest'])})"
              + (f" + recompute of the largest checkpointed stage ({format_bytes(a['recompute'])})"
                 if c.checkpointing else ""),

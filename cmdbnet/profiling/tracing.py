@@ -161,20 +161,43 @@ class ActivationCounter:
 _SCAN_LISTENERS: list[ActivationCounter] = []
 
 
+# The scan backend a CUDA run would use, whose saved state the stand-in allocates.
+_CUDA_SCAN: list[str] = ["torch"]
+
+
+def cuda_scan_backend() -> str:
+    """The backend CUDA tensors would get here (``CMDB_SCAN_BACKEND`` honoured where it can run)."""
+    try:
+        return scan.resolve_backend("cuda")
+    except scan.ScanBackendError:  # asked for one that cannot run here: estimate the automatic choice
+        saved = os.environ.pop(scan.BACKEND_ENV)
+        try:
+            return scan.resolve_backend("cuda")
+        finally:
+            os.environ[scan.BACKEND_ENV] = saved
+
+
 class ScanFootprint(torch.autograd.Function):
-    """The torch scan's memory without its time loop: same saved tensors, ``ctx.states`` and outputs."""
+    """A scan's memory without its time loop: the inputs it saves, its saved state and outputs."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):  # noqa: N803
         b, d, l = u.shape  # noqa: E741
         g, n = B.shape[1], A.shape[1]
+        training = any(ctx.needs_input_grad)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        if training:
+            for listener in _SCAN_LISTENERS[-1:]:
+                listener.on_scan((b, d, l, n))
+        if _CUDA_SCAN[-1] != "torch":  # the kernels: one block of saved state, a new last state
+            ctx.state = u.new_empty(scan.saved_state_bytes(_CUDA_SCAN[-1], b, d, l, n) // 4 if training else 0)
+            return u.new_empty((b, d, l)), u.new_empty((b, d, n))
+        # the chunked scan, tensor for tensor: chunk-start states (the last state is made from
+        # them) and, at small d_state, every state
         chunks = scan.state_bytes(b, d, l, n) // (b * d * n * 4)
         ctx.states = u.new_empty((chunks, b, g, n, d // g))
         ctx.full = (u.new_empty((l, b, g, n, d // g))
-                    if n <= scan.KEEP_ALL_MAX_N and any(ctx.needs_input_grad) else None)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
-        for listener in _SCAN_LISTENERS[-1:]:
-            listener.on_scan((b, d, l, n))
+                    if n <= scan.KEEP_ALL_MAX_N and training else None)
         return u.new_empty((b, d, l)), ctx.states[-1].transpose(-1, -2).reshape(b, d, n)
 
     @staticmethod
@@ -199,6 +222,7 @@ def _fused_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
 @contextlib.contextmanager
 def gpu_kernels():
     """Swap in the scan and attention stand-ins (and the torch scan backend) while tracing."""
+    _CUDA_SCAN.append(cuda_scan_backend())
     saved = F.scaled_dot_product_attention, os.environ.get(scan.BACKEND_ENV)
     F.scaled_dot_product_attention = _fused_attention
     os.environ[scan.BACKEND_ENV] = "torch"
@@ -207,6 +231,7 @@ def gpu_kernels():
             yield
     finally:
         F.scaled_dot_product_attention = saved[0]
+        _CUDA_SCAN.pop()
         if saved[1] is None:
             os.environ.pop(scan.BACKEND_ENV, None)
         else:
@@ -260,20 +285,25 @@ class StepTrace:
 
     batch: int
     crop: int
-    linear: int                     # bytes alive at the end, less the scan chunk states
+    linear: int                     # bytes alive at the end, less the scans' saved states
     scans: list[tuple]              # (b, d, l, n) of every scan call: its states are computed exactly
     largest: int                    # the largest single storage
     stages: list[tuple[int, list]]  # per checkpointed stage: (bytes it saves when recomputed, its scans)
     rounding: int                   # 512-byte allocator rounding over all storages
     by_reason: dict[str, int]
+    scan_backend: str = "torch"     # whose saved state ``scans`` stand for (see cuda_scan_backend)
+
+    def scan_state_bytes(self, b: int, d: int, l: int, n: int) -> int:  # noqa: E741
+        return scan.saved_state_bytes(self.scan_backend, b, d, l, n)
 
 
 def _summarise(counter: ActivationCounter, batch: int, crop: int) -> StepTrace:
     sizes = counter.sizes()
-    states = sum(scan.state_bytes(*s) for s in counter.scans)
+    backend = _CUDA_SCAN[-1]
+    states = sum(scan.saved_state_bytes(backend, *s) for s in counter.scans)
     stages = [(sum(r["saved"].values()), r["scans"]) for r in counter.regions]
     return StepTrace(batch, crop, sum(sizes) - states, list(counter.scans), max(sizes, default=0), stages,
-                     sum(-n % 512 for n in sizes), counter.by_reason())
+                     sum(-n % 512 for n in sizes), counter.by_reason(), backend)
 
 
 def trace_forward(settings: Settings, batch: int, crop: int, amp: bool, amp_dtype: str = "fp16",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,7 @@ from cmdbnet.models.scan import selective_scan
 from cmdbnet.profiling.tracing import (
     ActivationCounter,
     cuda_autocast,
+    cuda_scan_backend,
     fake_cuda_copy,
     gpu_kernels,
 )
@@ -98,30 +101,50 @@ def test_cuda_autocast_rules_differ_from_cpu_autocast():
         assert F.linear(xc, torch.empty(4, 16, device="cuda")).dtype == torch.float16
 
 
+def _scan_census(b, d, l, n, g, dtype):  # noqa: E741
+    torch.manual_seed(0)
+    u, delta, z = (torch.randn(b, d, l, dtype=dtype, requires_grad=True) for _ in range(3))
+    A = -torch.rand(d, n, requires_grad=True)  # noqa: N806
+    B, C = (torch.randn(b, g, n, l, dtype=dtype, requires_grad=True) for _ in range(2))  # noqa: N806
+    D, bias = torch.rand(d, requires_grad=True), torch.rand(d, requires_grad=True)  # noqa: N806
+    counter = ActivationCounter({t.untyped_storage()._cdata for t in (u, delta, z, A, B, C, D, bias)})
+    with counter.track():
+        out = selective_scan(u, delta, A, B, C, D, z, bias, delta_softplus=True, return_last_state=True)
+    counter.walk(out)
+    return counter.by_reason()
+
+
 @pytest.mark.parametrize("b,d,l,n,g,dtype", [(2, 8, 50, 4, 4, torch.float32), (1, 16, 300, 1, 4, torch.float32),
                                              (3, 8, 40, 2, 1, torch.float16)])
-def test_scan_stand_in_keeps_what_the_real_scan_keeps(b, d, l, n, g, dtype):  # noqa: E741
-    def run():
-        torch.manual_seed(0)
-        u, delta, z = (torch.randn(b, d, l, dtype=dtype, requires_grad=True) for _ in range(3))
-        A = -torch.rand(d, n, requires_grad=True)  # noqa: N806
-        B, C = (torch.randn(b, g, n, l, dtype=dtype, requires_grad=True) for _ in range(2))  # noqa: N806
-        D, bias = torch.rand(d, requires_grad=True), torch.rand(d, requires_grad=True)  # noqa: N806
-        counter = ActivationCounter({t.untyped_storage()._cdata for t in (u, delta, z, A, B, C, D, bias)})
-        with counter.track():
-            out = selective_scan(u, delta, A, B, C, D, z, bias, delta_softplus=True, return_last_state=True)
-        counter.walk(out)
-        return counter.by_reason()
-
-    real = run()
+def test_scan_stand_in_keeps_what_the_real_scan_keeps(monkeypatch, b, d, l, n, g, dtype):  # noqa: E741
+    monkeypatch.setenv(scan.BACKEND_ENV, "torch")  # the CUDA route modelled is the scan that runs here
+    real = _scan_census(b, d, l, n, g, dtype)
+    assert cuda_scan_backend() == "torch"
     with gpu_kernels():
-        stand_in = run()
+        stand_in = _scan_census(b, d, l, n, g, dtype)
     assert stand_in == real
     # the chunk states live on ctx (or, when the last state is a view of them, as an output);
     # at d_state <= 2 every state is kept too (b * l * d * n fp32)
     kept = b * d * l * n * 4 if n <= scan.KEEP_ALL_MAX_N else 0
     assert scan.state_bytes(b, d, l, n) + kept in (real.get("ctx attribute"),
                                                    real["output"] - b * d * l * dtype.itemsize + kept)
+
+
+@pytest.mark.parametrize("backend, per_call", [("triton", lambda b, d, l, n: b * d * n * -(-l // 32) * 4),
+                                               ("torch_parallel", lambda b, d, l, n: 0)])
+def test_estimate_models_the_scan_a_cuda_run_would_use(monkeypatch, backend, per_call):
+    monkeypatch.setenv(scan.BACKEND_ENV, backend)
+    b, d, l, n = 2, 8, 100, 1  # noqa: E741
+    assert cuda_scan_backend() == backend
+    with gpu_kernels():
+        stand_in = _scan_census(b, d, l, n, 1, torch.float32)
+    assert stand_in.get("ctx attribute", 0) == per_call(b, d, l, n) == scan.saved_state_bytes(backend, b, d, l, n)
+
+
+def test_an_unavailable_forced_backend_estimates_the_automatic_choice(monkeypatch):
+    monkeypatch.setenv(scan.BACKEND_ENV, "mamba_ssm")  # not importable here
+    assert cuda_scan_backend() in ("triton", "torch_parallel")
+    assert os.environ[scan.BACKEND_ENV] == "mamba_ssm"
 
 
 class _Census(TorchDispatchMode):

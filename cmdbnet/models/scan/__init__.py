@@ -36,7 +36,8 @@ from cmdbnet.models.scan.dispatch import (
                                           resolve_backend,
                                           selective_scan,
 )
+from cmdbnet.models.scan.footprint import saved_state_bytes
 
 __all__ = ["BACKENDS", "BACKEND_ENV", "KEEP_ALL_MAX_N", "ScanBackendError", "ScanBackendNameError",
            "available_backends", "backend_status", "chunk_plan", "override_function", "resolve_backend",
-           "scan_macs", "selective_scan", "state_bytes"]
+           "saved_state_bytes", "scan_macs", "selective_scan", "state_bytes"]

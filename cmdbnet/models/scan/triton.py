@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from cmdbnet.models.scan.footprint import TRITON_BLOCK_L
 from cmdbnet.models.scan.parallel import parallel_backward
 
 __all__ = ["TritonScan", "interpreter_ready", "kernels"]
@@ -38,7 +39,7 @@ __all__ = ["TritonScan", "interpreter_ready", "kernels"]
 # Block sizes are first guesses, not tuned on a card yet (benchmarks/gpu.py part b times them):
 # BLOCK_L steps per scanned block; at most _TILE channels x d_state x BLOCK_L elements and
 # _MAX_BLOCK_D channels per program, so that a stage's few channels still fill several programs.
-BLOCK_L = 32
+BLOCK_L = TRITON_BLOCK_L
 _TILE = 2048
 _MAX_BLOCK_D = 16
 
