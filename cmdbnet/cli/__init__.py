@@ -7,7 +7,9 @@ function of the package. Only commands that work are listed.
 from __future__ import annotations
 
 import importlib
+import sys
 
+import click
 import typer
 
 app = typer.Typer(
@@ -37,6 +39,27 @@ for _name in _COMMAND_MODULES:
     importlib.import_module(f"{__name__}.{_name}").register(app)
 
 
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """click's UsageError, and the one of the click copy recent typer releases vendor."""
+    try:
+        from typer._click.exceptions import UsageError as Vendored  # typer >= 0.2x ships its own click
+    except ImportError:
+        return (click.UsageError,)
+    return (click.UsageError, Vendored)
+
+
+_USAGE_ERRORS = _usage_errors()
+
+
 def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="cmdb")
+    """Console-script entry point: a flag or value click rejects is one line too, like any bad input."""
+    try:
+        code = app(prog_name="cmdb", standalone_mode=False)
+    except _USAGE_ERRORS as exc:
+        hint = f" (see cmdb {exc.ctx.info_name} --help)" if exc.ctx is not None and exc.ctx.parent else ""
+        typer.echo(f"cmdb: error: {exc.format_message()}{hint}", err=True)
+        sys.exit(2)
+    except (click.Abort, typer.Abort):
+        typer.echo("cmdb: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
