@@ -35,6 +35,7 @@ from rasterio.errors import RasterioError
 
 from cmdbnet.errors import CmdbError
 from cmdbnet.inference.rasters import NODATA_INDEX, gdal_reason, quiet_georef
+from cmdbnet.inference.resume import blocks_intact
 from cmdbnet.utils import atomic_path, write_text_atomic
 
 _OVERVIEW = {"mask": "NEAREST", "color": "NEAREST", "probs": "AVERAGE", "boundary": "AVERAGE"}
@@ -51,7 +52,10 @@ def to_cog(src: Path, dst: Path, product: str) -> None:
         with quiet_georef():
             rasterio.shutil.copy(src, dst, **opts)
     except (RasterioError, OSError) as exc:
-        raise CmdbError(f"cannot write Cloud-Optimised GeoTIFF {dst.parent}: {gdal_reason(exc)}") from None
+        raise CmdbError(f"cannot write Cloud-Optimised GeoTIFF in {dst.parent}: {gdal_reason(exc)}") from None
+    if not blocks_intact(dst):
+        raise CmdbError(f"cannot write Cloud-Optimised GeoTIFF in {dst.parent}: the file is incomplete after "
+                        "writing (disk full or quota?); nothing was kept under a final name")
 
 
 @contextlib.contextmanager

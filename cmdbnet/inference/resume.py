@@ -60,10 +60,23 @@ def output_complete(path: Path, fingerprint: str, width: int, height: int) -> bo
     if not path.is_file():
         return False
     try:
-        size = path.stat().st_size
         with quiet_georef(), rasterio.open(path) as src:
             if src.tags().get(FINGERPRINT_TAG) != fingerprint or (src.width, src.height) != (width, height):
                 return False
+    except (RasterioError, OSError):
+        return False
+    return blocks_intact(path)
+
+
+def blocks_intact(path: Path) -> bool:
+    """Every block of every band lies inside the file and the last one decodes.
+
+    Also the check after writing: GDAL reports some write failures (a full disk at the
+    final flush) only in its log, so a product is checked before it is renamed into place.
+    """
+    try:
+        size = path.stat().st_size
+        with quiet_georef(), rasterio.open(path) as src:
             for bidx in src.indexes:
                 last = None
                 for (row, col), win in src.block_windows(bidx):
@@ -73,7 +86,7 @@ def output_complete(path: Path, fingerprint: str, width: int, height: int) -> bo
                         return False
                     last = win
                 if last is not None:
-                    src.read(bidx, window=last)  # the tail decodes
+                    src.read(bidx, window=last)
     except (RasterioError, OSError, ValueError):
         return False
     return True

@@ -6,12 +6,14 @@ checkpoint. The reference is an uninterrupted one-process run of the same folder
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -208,3 +210,37 @@ def test_a_second_run_on_the_same_folder_is_refused_and_a_stale_lock_taken_over(
     with pytest.raises(CmdbError, match="another cmdb predict"):
         lock.write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
         predict(inputs / "a.tif", out, reference_ckpt(ref_summaries), SETTINGS, progress=False)
+
+
+def test_a_rank_killed_mid_run_loses_only_its_files_in_flight(reference, tmp_path):
+    """SIGKILL one rank while it works; torchrun ends the run; a re-run completes it identically."""
+    import psutil
+
+    inputs, ref_out, ref_summaries = reference
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "cmdbnet",
+           "predict", str(inputs), "-o", str(out), "-k", reference_ckpt(ref_summaries), *FLAGS]
+    launcher = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    killed = None
+    try:
+        deadline = time.monotonic() + 300
+        while killed is None and launcher.poll() is None and time.monotonic() < deadline:
+            if list(out.glob("[!.]*_mask.tif")):  # a first file is final: ranks are mid-run
+                for child in psutil.Process(launcher.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        if child.environ().get("RANK") == "1":
+                            child.kill()
+                            killed = child.pid
+            time.sleep(0.05)
+        assert launcher.wait(timeout=120) != 0 and killed, "the run ended before a rank could be killed"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    ref = tifs(ref_out)
+    done = {p.name: p.read_bytes() for p in out.glob("[!.]*.tif")}
+    assert len(done) < len(ref) and all(ref[name] == data for name, data in done.items())
+    summaries = predict1(inputs, out, reference_ckpt(ref_summaries), SETTINGS)
+    assert {Path(s["input"]).stem for s in summaries if s.get("skipped")} == \
+           {name.rsplit("_", 1)[0] for name in done if name.endswith("_mask.tif")}
+    assert tifs(out) == ref and not list(out.glob(".*"))  # parts of the killed run cleaned up
