@@ -11,14 +11,14 @@ import pytest
 
 
 def _small_disk():
-    """Files this process writes may not grow past 150 kB: writes then fail as on a full disk."""
+    """Files this process writes may not grow past 60 kB: writes then fail as on a full disk."""
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, 150_000))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
 
 
 @pytest.mark.parametrize("extra", [[], ["--cog"]])
 def test_a_full_disk_leaves_no_output_under_a_final_name(tiny_ckpt, city, tmp_path, extra):
-    src = city.write_tif(tmp_path / "scene.tif", 320, 320, seed=1)
+    src = city.write_tif(tmp_path / "scene.tif", 192, 192, seed=1)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "cmdbnet", "predict", str(src), "-o", str(out), "-k", str(tiny_ckpt),
            "--tile", "64", "--probs", "--format", "both", "--device", "cpu", *extra]
