@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rasterio
 import torch
 from typer.testing import CliRunner
 
@@ -30,6 +31,7 @@ from cmdbnet.inference.window import StripPredictor, axis_grid, emitted_rows
 from cmdbnet.settings import IMAGENET_MEAN, IMAGENET_STD, PredictSettings
 
 N_INPUTS = 5  # conftest's LAYOUT: big (320 x 320, split into bands under 2 ranks), a, b, c, d
+NAMES = ["big", "a", "b", "c", "d"]
 FLAGS = ["--tile", "64", "--overlap", "0.25", "--batch", "4", "--format", "both", "--probs", "--device", "cpu"]
 SETTINGS = PredictSettings(tile=64, overlap=0.25, batch=4, format="both", probs=True, device="cpu")
 
@@ -121,9 +123,18 @@ def test_bands_of_window_rows_give_the_whole_run_bit_for_bit(tiny_ckpt, overlap,
 @pytest.mark.slow
 def test_two_ranks_write_the_same_bytes_as_one_process(reference, tmp_path):
     inputs, ref_out, ref_summaries = reference
-    res = torchrun(inputs, "-o", tmp_path / "out", "-k", reference_ckpt(ref_summaries), *FLAGS)
+    res = torchrun(inputs, "-o", tmp_path / "out", "-k", reference_ckpt(ref_summaries), *FLAGS,
+                   "--vector", tmp_path / "out" / "city.gpkg")
     assert res.returncode == 0, res.stderr[-3000:]
     assert tifs(tmp_path / "out") == tifs(ref_out)
+    # each rank traced its own masks; rank 0 merged the parts into one layer covering every mask
+    pyogrio = pytest.importorskip("pyogrio")
+    meta, _, _, fields = pyogrio.raw.read(tmp_path / "out" / "city.gpkg", layer="segments")
+    cols = dict(zip(meta["fields"], fields))
+    for name in NAMES:
+        with rasterio.open(ref_out / f"{name}_mask.tif") as m:
+            want = (m.read(1) < 6).sum() * m.res[0] * m.res[1]
+        assert abs(cols["area"][cols["source"] == f"{name}_mask.tif"].sum() - want) <= 0.01 * want
     assert len(tifs(ref_out)) == 3 * N_INPUTS
     report = json.loads((tmp_path / "out" / "predict_summary.json").read_text())
     assert report["ranks"] == 2 and report["error"] is None and report["skipped"] == 0
