@@ -142,7 +142,8 @@ def predict(inputs: str | os.PathLike | Iterable[str | os.PathLike], out: str | 
         if run.vector and "mask" not in plans[0]:
             raise CmdbError("--vector traces the class-index mask: use --format index or both")
         lock = RunLock(lock_path(out, single), out)
-        _on_main(dinfo, lambda: (lock.acquire(), clean_parts(out.parent if single else out)))
+        finals = [p for plan in plans for p in plan.values()] + ([run.vector] if run.vector else [])
+        _on_main(dinfo, lambda: (lock.acquire(), clean_parts(finals)))
         try:
             return run.go(None if single else out)
         finally:

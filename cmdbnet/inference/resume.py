@@ -92,16 +92,26 @@ def blocks_intact(path: Path) -> bool:
     return True
 
 
-def clean_parts(folder: Path) -> int:
-    """Remove temporary files (``.<name>.*.part*``) a killed run left; only under the run lock."""
+def clean_parts(finals: list[Path]) -> int:
+    """Remove temporary files a killed run left beside ``finals`` (only under the run lock).
+
+    Only this run's own leftovers: ``.<final name>.*.part*`` (``utils.atomic_path``, COG
+    intermediates, GeoPackage parts) and ``.<stem>.band*.part.tif`` (band parts, and their
+own temporary files, which start with two dots); another
+    program's temporary files in the same folder are left alone.
+    """
+    by_folder: dict[Path, list[str]] = {}
+    for f in finals:
+        by_folder.setdefault(f.parent, []).extend([f".{f.name}.", f".{f.stem}.band", f"..{f.stem}.band"])
     removed = 0
-    if not folder.is_dir():
-        return 0
-    for p in folder.iterdir():
-        if p.name.startswith(".") and ".part" in p.name and p.is_file():
-            with contextlib.suppress(OSError):
-                p.unlink()
-                removed += 1
+    for folder, prefixes in by_folder.items():
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if p.name.startswith(".") and ".part" in p.name and p.name.startswith(tuple(prefixes)):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    removed += 1
     return removed
 
 
