@@ -22,6 +22,7 @@ import contextlib
 import importlib.util
 import os
 import struct
+import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -243,8 +244,10 @@ def write_polygons(path: Path, parts: list[dict[str, Any]], crs: str | None, app
             np.array([v for p in parts for v in p["class_id"]], dtype=np.int32),
             np.array([v for p in parts for v in p["area"]], dtype=np.float64)]
     try:
-        pyogrio.raw.write(str(path), geometry, data, fields, layer=VECTOR_LAYER, driver="GPKG",
-                          geometry_type="Polygon", crs=crs, append=append)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "'crs' was not provided")  # PNG/JPEG inputs: pixel coordinates
+            pyogrio.raw.write(str(path), geometry, data, fields, layer=VECTOR_LAYER, driver="GPKG",
+                              geometry_type="Polygon", crs=crs, append=append)
     except Exception as exc:  # noqa: BLE001 - pyogrio's errors (DataSourceError, OSError, ...) share no base
         raise CmdbError(f"cannot write polygons to {path}: {str(exc).splitlines()[0][:200]}") from None
     return len(geometry)
