@@ -18,8 +18,9 @@ run; ``--light`` and ``--size`` give a quicker check of the same code path.
     python benchmarks/predict.py --light --input top_potsdam_2_10_RGB.tif --preview /tmp/p.png
 
 ``--ranks N`` (folder mode): ``--files`` generated tiles of ``--size`` predicted by one process,
-by ``torchrun --nproc-per-node N`` (gloo on CPU, one thread per rank as torchrun sets), and by
-one process with ``--cog`` and with ``--vector``; prints wall time, Mpx/s and load average.
+by ``torchrun --nproc-per-node N`` (gloo on CPU, one thread per rank as torchrun sets), by one
+process on one thread, and by one process with ``--cog`` and with ``--vector``; prints wall
+time, in-run time (``predict_summary.json``), Mpx/s and load average.
 
     python benchmarks/predict.py --ranks 2 --files 16 --size 2048 --light
 """
@@ -178,11 +179,14 @@ def ranks_benchmark(a) -> int:
     many = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.ranks}",
             "-m", "cmdbnet", "predict", str(folder)]
     runs = {}
-    for name, cmd in [("1 rank", one), (f"{a.ranks} ranks", many), ("1 rank --cog", one + ["--cog"]),
-                      ("1 rank --vector", one + ["--vector", str(Path(a.workdir) / "vec" / "city.gpkg")])]:
-        out = Path(a.workdir) / f"out_{name.replace(' ', '_').replace('-', '')}"
+    single = {**env, "OMP_NUM_THREADS": "1"}
+    for name, cmd, run_env in [
+            ("1 rank", one, env), (f"{a.ranks} ranks", many, env), ("1 rank, 1 thread", one, single),
+            ("1 rank --cog", one + ["--cog"], env),
+            ("1 rank --vector", one + ["--vector", str(Path(a.workdir) / "vec" / "city.gpkg")], env)]:
+        out = Path(a.workdir) / f"out_{name.replace(' ', '_').replace('-', '').replace(',', '')}"
         shutil.rmtree(out, ignore_errors=True)
-        runs[name] = dict(_timed(cmd + ["-o", str(out)] + flags, env), out=out)
+        runs[name] = dict(_timed(cmd + ["-o", str(out)] + flags, run_env), out=out)
         runs[name]["in_run"] = json.loads((out / "predict_summary.json").read_text())["seconds"]
         print(f"{name}: {runs[name]['seconds']:.1f} s (load {runs[name]['load']:.2f})", flush=True)
     mpx = a.files * a.size * a.size / 1e6
