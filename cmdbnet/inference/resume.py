@@ -134,6 +134,7 @@ class RunLock:
 
     def __init__(self, path: Path, target: Path):
         self.path, self.target, self.held = path, target, False
+        self.made_folder = False  # a run that fails before writing leaves no empty folder behind
 
     def _holder(self) -> dict[str, Any]:
         try:
@@ -143,6 +144,7 @@ class RunLock:
 
     def acquire(self) -> None:
         try:
+            self.made_folder = not self.path.parent.exists()
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise CmdbError(f"cannot create output folder {self.path.parent}: {exc.strerror or exc}") from None
@@ -173,4 +175,7 @@ class RunLock:
         if self.held:
             with contextlib.suppress(OSError):
                 self.path.unlink()
+            if self.made_folder:
+                with contextlib.suppress(OSError):
+                    self.path.parent.rmdir()  # only if the run wrote nothing there
             self.held = False
