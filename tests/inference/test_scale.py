@@ -162,6 +162,7 @@ def test_a_rank_that_fails_lets_the_other_finish_and_a_rerun_completes(reference
     out = tmp_path / "out"
     res = torchrun(folder, "-o", out, "-k", reference_ckpt(ref_summaries), *FLAGS)
     assert res.returncode != 0 and "cannot read" in res.stderr and "d.tif" in res.stderr
+    assert res.stderr.count("cmdb: error:") == 1  # said once, by rank 0, for both ranks
     names = [n for n, *_ in city.layout]
     done = {p.name for p in out.glob("[!.]*.tif")}
     rows = [axis_grid(h, 64, 0.25).count for _, h, *_ in city.layout]
