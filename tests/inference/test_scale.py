@@ -17,11 +17,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import rasterio
 import torch
 from typer.testing import CliRunner
 
+from cmdbnet.checkpoint import load_model
 from cmdbnet.cli import app
 from cmdbnet.errors import CmdbError
 from cmdbnet.inference.files import predict
@@ -91,8 +93,6 @@ def test_plan_balances_pixels_and_cuts_a_huge_raster_into_bands():
 
 @pytest.mark.parametrize("overlap", [0.0, 0.25, 0.75])
 def test_bands_of_window_rows_give_the_whole_run_bit_for_bit(tiny_ckpt, overlap, city):
-    from cmdbnet.checkpoint import load_model
-
     model, _ = load_model(tiny_ckpt)
     img = city.scene(168, 96, seed=9)
     sp = StripPredictor(model, IMAGENET_MEAN, IMAGENET_STD, 64, overlap, "none", 3, "cpu", probs=True)
@@ -230,8 +230,6 @@ def test_a_second_run_on_the_same_folder_is_refused_and_a_stale_lock_taken_over(
 @pytest.mark.slow
 def test_a_rank_killed_mid_run_loses_only_its_files_in_flight(reference, tmp_path):
     """SIGKILL one rank while it works; torchrun ends the run; a re-run completes it identically."""
-    import psutil
-
     inputs, ref_out, ref_summaries = reference
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
