@@ -204,7 +204,11 @@ def ranks_benchmark(a) -> int:
           f"{base['in_run'] / par['in_run']:.2f} x in-run; masks byte-identical: "
           f"{same}/{a.files}")
     report = json.loads((runs["1 rank --vector"]["out"] / "predict_summary.json").read_text())
-    print(f"polygons written by --vector: {report['polygons']}")
+    gpkg = Path(a.workdir) / "vec" / "city.gpkg"
+    print(f"polygons written by --vector: {report['polygons']} ({gpkg.stat().st_size / 2**20:.1f} MiB GeoPackage)")
+    sizes = {name: sum(p.stat().st_size for p in runs[name]["out"].glob("*_mask.tif")) / 2**20
+             for name in ("1 rank", "1 rank --cog")}
+    print(f"masks on disk: plain {sizes['1 rank']:.1f} MiB, COG (with overviews) {sizes['1 rank --cog']:.1f} MiB")
     return 0
 
 
