@@ -23,6 +23,7 @@ import re
 import socket
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,8 +90,12 @@ def _reason(exc: BaseException) -> str:
     return str(inner or exc) or type(exc).__name__
 
 
-def fetch(name: str, timeout: float = FETCH_TIMEOUT_S, force: bool = False) -> Path:
-    """Download the ImageNet weights of ``name`` into the cache (checked); returns the file."""
+def fetch(name: str, timeout: float = FETCH_TIMEOUT_S, force: bool = False,
+          progress: Callable[[int, int | None], None] | None = None) -> Path:
+    """Download the ImageNet weights of ``name`` into the cache (checked); returns the file.
+
+    ``progress(bytes_so_far, total_or_None)`` is called after each chunk.
+    """
     dst = cached_file(name)
     if dst.is_file() and not force:
         return dst
@@ -99,9 +104,14 @@ def fetch(name: str, timeout: float = FETCH_TIMEOUT_S, force: bool = False) -> P
     with atomic_path(dst) as tmp:
         try:
             with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:  # noqa: S310
+                total = int(resp.headers.get("Content-Length") or 0) or None
+                done = 0
                 while block := resp.read(2**20):
                     digest.update(block)
                     out.write(block)
+                    done += len(block)
+                    if progress is not None:
+                        progress(done, total)
         except (urllib.error.URLError, OSError) as exc:
             raise WeightsUnavailable(f"cannot download {url} ({_reason(exc)}, timeout {timeout:g} s)") from None
         got = digest.hexdigest()

@@ -85,15 +85,22 @@ def predict_command(
         "tile": tile, "overlap": overlap, "tta": tta, "batch": batch, "format": fmt,
         "probs": probs, "boundary": boundary, "device": device, "amp": amp, "cog": cog})
     classes = [c.strip() for c in vector_classes.split(",") if c.strip()] if vector_classes else None
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 reports for all
     with warnings.catch_warnings(record=True) as notes:
         warnings.simplefilter("always", PredictNote)
-        summaries = predict(inputs, out, checkpoint, settings.predict, progress=not as_json,
-                            overwrite=overwrite, vector=vector, vector_classes=classes,
-                            keep_going=keep_going)
-    if os.environ.get("RANK", "0") != "0":
-        return  # under torchrun, rank 0 reports for all
+        try:
+            summaries = predict(inputs, out, checkpoint, settings.predict, progress=not as_json,
+                                overwrite=overwrite, vector=vector, vector_classes=classes,
+                                keep_going=keep_going)
+        except CmdbError:
+            if not main_rank:  # every rank has the same message: say it once
+                raise typer.Exit(2) from None
+            raise
+    if not main_rank:
+        return
     for note in notes:
-        typer.echo(f"cmdb: note: {note.message}", err=True)
+        kind = "note" if issubclass(note.category, PredictNote) else "warning"
+        typer.echo(f"cmdb: {kind}: {note.message}", err=True)
     if as_json:
         print_json(summaries)
     else:

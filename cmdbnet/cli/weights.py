@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from cmdbnet.cli.common import JsonFlag, cli_errors, console, print_json
+from cmdbnet.cli.common import JsonFlag, cli_errors, console, err_console, print_json
 from cmdbnet.utils import format_bytes
 
 weights_app = typer.Typer(help="ImageNet weights for the CNN backbone (torch hub cache).", no_args_is_help=True)
@@ -33,11 +33,17 @@ def fetch_cmd(
 
       CMDB_WEIGHTS_URL=http://mirror.local/models/ cmdb weights fetch resnet34
     """
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
     from cmdbnet import weights
 
     for name in names or ["resnet34"]:
         had = weights.cached_file(name).is_file() and not force
-        path = weights.fetch(name, timeout=timeout, force=force)
+        with Progress(TextColumn(name), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                      console=err_console, transient=True) as bar:
+            task = bar.add_task(name, total=None)
+            path = weights.fetch(name, timeout=timeout, force=force,
+                                 progress=lambda done, total, t=task: bar.update(t, completed=done, total=total))
         state = "already cached" if had else "downloaded, sha256 checked"
         console.print(f"{name}: {path} ({format_bytes(path.stat().st_size)}, {state})", highlight=False,
                       soft_wrap=True)

@@ -38,7 +38,14 @@ import torch.distributed as dist
 
 from cmdbnet.checkpoint import load_model, resolve_checkpoint
 from cmdbnet.errors import CmdbError
-from cmdbnet.inference.gis import check_vector, merge_polygon_parts, polygonise, write_polygons, write_vrt
+from cmdbnet.inference.gis import (
+    check_vector,
+    merge_polygon_parts,
+    polygonise,
+    raster_crs,
+    write_polygons,
+    write_vrt,
+)
 from cmdbnet.inference.rasters import OUTPUT_EXTS, ModelMeta, check_input, expand_inputs, plan_outputs
 from cmdbnet.inference.resume import (
     RunLock,
@@ -138,7 +145,8 @@ def predict(inputs: str | os.PathLike | Iterable[str | os.PathLike], out: str | 
             raise CmdbError("--vector traces the class-index mask: use --format index or both")
         run.survey_inputs()  # before the lock: a bad input leaves no output folder behind
         lock = RunLock(lock_path(out, single), out)
-        _on_main(dinfo, lambda: (lock.acquire(), clean_parts(out.parent if single else out)))
+        finals = [p for plan in plans for p in plan.values()] + ([run.vector] if run.vector else [])
+        _on_main(dinfo, lambda: (lock.acquire(), clean_parts(finals)))
         try:
             return run.go(None if single else out)
         finally:
@@ -330,7 +338,7 @@ class _Run:
         part = self.vector.parent / f".{self.vector.name}.rank{rank}.part.gpkg"
         sets, notes, error, ref_crs = [], [], None, None
         try:
-            ref_crs = polygonise(self.plans[ok[0]]["mask"], [], self.meta.classes)["crs"]
+            ref_crs = raster_crs(self.plans[ok[0]]["mask"])
             for u in shards[rank]:
                 p = polygonise(self.plans[u.file]["mask"], self.vector_ids, self.meta.classes)
                 if p["crs"] != ref_crs:
@@ -361,7 +369,7 @@ class _Run:
         product = "mask" if "mask" in self.plans[0] else "color"
         paths = [p[product] for p in self.plans if p[product].is_file()]
         self.vrt, notes = write_vrt(paths, folder / MOSAIC_NAME)
-        self.notes += [n for n in notes if not n.startswith("no georeferenced")]
+        self.notes += notes
 
     def _write_summary(self, folder: Path, summaries: list[dict[str, Any]], error: str | None,
                        seconds: float) -> None:

@@ -22,8 +22,10 @@ import contextlib
 import importlib.util
 import os
 import struct
+import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ from rasterio.errors import RasterioError
 
 from cmdbnet.errors import CmdbError
 from cmdbnet.inference.rasters import NODATA_INDEX, gdal_reason, quiet_georef
+from cmdbnet.inference.resume import blocks_intact
 from cmdbnet.utils import atomic_path, write_text_atomic
 
 _OVERVIEW = {"mask": "NEAREST", "color": "NEAREST", "probs": "AVERAGE", "boundary": "AVERAGE"}
@@ -51,7 +54,10 @@ def to_cog(src: Path, dst: Path, product: str) -> None:
         with quiet_georef():
             rasterio.shutil.copy(src, dst, **opts)
     except (RasterioError, OSError) as exc:
-        raise CmdbError(f"cannot write Cloud-Optimised GeoTIFF {dst.parent}: {gdal_reason(exc)}") from None
+        raise CmdbError(f"cannot write Cloud-Optimised GeoTIFF in {dst.parent}: {gdal_reason(exc)}") from None
+    if not blocks_intact(dst):
+        raise CmdbError(f"cannot write Cloud-Optimised GeoTIFF in {dst.parent}: the file is incomplete after "
+                        "writing (disk full or quota?); nothing was kept under a final name")
 
 
 @contextlib.contextmanager
@@ -69,13 +75,31 @@ def cog_stage(tmp_paths: dict[str, Path]) -> Iterator[dict[str, Path]]:
 
 
 # ----------------------------------------------------------------------------- VRT
-def _grid(src) -> tuple[float, float, float, float]:
-    t = src.transform
-    return t.c, t.f, t.a, t.e
+@dataclass(frozen=True)
+class _Meta:
+    """What the mosaic needs of one raster (read, then closed: thousands of tiles, few handles)."""
+
+    path: Path
+    crs: Any
+    transform: Any
+    width: int
+    height: int
+    count: int
+    dtypes: tuple[str, ...]
+    nodata: float | None
+
+    @classmethod
+    def read(cls, path: Path) -> _Meta:
+        with quiet_georef(), rasterio.open(path) as s:
+            return cls(path, s.crs, s.transform, s.width, s.height, s.count, tuple(s.dtypes), s.nodata)
+
+    @property
+    def left_top(self) -> tuple[float, float]:
+        return self.transform.c, self.transform.f
 
 
-def _colortable(band: ET.Element, src) -> None:
-    with contextlib.suppress(ValueError, RasterioError):
+def _colortable(band: ET.Element, path: Path) -> None:
+    with contextlib.suppress(ValueError, RasterioError), quiet_georef(), rasterio.open(path) as src:
         cmap = src.colormap(1)
         ET.SubElement(band, "ColorInterp").text = "Palette"
         table = ET.SubElement(band, "ColorTable")
@@ -86,55 +110,66 @@ def _colortable(band: ET.Element, src) -> None:
 
 def write_vrt(paths: list[Path], out: Path) -> tuple[Path | None, list[str]]:
     """Mosaic ``paths`` (same CRS, pixel size, band layout) into the VRT ``out``; returns notes."""
+    metas = [_Meta.read(p) for p in paths]
+    ref = next((m for m in metas if m.crs is not None), None)
+    if ref is None:  # PNG/JPEG inputs: nothing to place on a map
+        return None, []
     notes: list[str] = []
-    kept: list[tuple[Path, Any]] = []
-    with quiet_georef():
-        metas = [(p, rasterio.open(p)) for p in paths]
-    try:
-        ref = next((s for _, s in metas if s.crs is not None), None)
-        if ref is None:
-            return None, ["no georeferenced mask: no VRT mosaic written"]
-        for p, s in metas:
-            why = ("has no CRS" if s.crs is None else f"is in {s.crs.to_string()}, not {ref.crs.to_string()}"
-                   if s.crs != ref.crs else "has another pixel size" if
-                   not np.allclose(_grid(s)[2:], _grid(ref)[2:], rtol=1e-9) else
-                   "has another band layout" if (s.count, s.dtypes) != (ref.count, ref.dtypes) else "")
-            if why:
-                notes.append(f"VRT mosaic: {p.name} {why}; left out of {out.name} (its mask is written)")
-            else:
-                kept.append((p, s))
-        write_text_atomic(out, _vrt_xml(kept, ref, out))
-    finally:
-        for _, s in metas:
-            s.close()
+    kept: list[_Meta] = []
+    for m in metas:
+        why = _mismatch(m, ref)
+        if why:
+            notes.append(f"VRT mosaic: {m.path.name} {why}; left out of {out.name} (its mask is written)")
+        else:
+            kept.append(m)
+    write_text_atomic(out, _vrt_xml(kept, ref, out))
     return out, notes
 
 
-def _vrt_xml(kept: list[tuple[Path, Any]], ref, out: Path) -> str:
+def _mismatch(m: _Meta, ref: _Meta) -> str:
+    """Why raster ``m`` cannot join a mosaic laid out like ``ref`` ("" when it can)."""
+    if m.crs is None:
+        return "has no CRS"
+    if m.crs != ref.crs:
+        return f"is in {m.crs.to_string()}, not {ref.crs.to_string()}"
+    t, r = m.transform, ref.transform
+    if not np.allclose([t.a, t.b, t.d, t.e], [r.a, r.b, r.d, r.e], rtol=1e-9):
+        return "has another pixel size or rotation"
+    if (m.count, m.dtypes) != (ref.count, ref.dtypes):
+        return "has another band layout"
+    return ""
+
+
+def raster_crs(path: Path) -> str | None:
+    """The CRS of a raster as WKT (None when it has none)."""
+    with quiet_georef(), rasterio.open(path) as src:
+        return src.crs.to_wkt() if src.crs else None
+
+
+def _vrt_xml(kept: list[_Meta], ref: _Meta, out: Path) -> str:
     rx, ry = ref.transform.a, ref.transform.e
-    x0 = min(s.bounds.left for _, s in kept)
-    y0 = max(s.bounds.top for _, s in kept)
-    x1 = max(s.bounds.right for _, s in kept)
-    y1 = min(s.bounds.bottom for _, s in kept)
-    w, h = round((x1 - x0) / rx), round((y1 - y0) / ry)
-    root = ET.Element("VRTDataset", rasterXSize=str(w), rasterYSize=str(h))
+    x0 = min(m.left_top[0] for m in kept)
+    y0 = max(m.left_top[1] for m in kept)
+    x1 = max(m.left_top[0] + m.width * rx for m in kept)
+    y1 = min(m.left_top[1] + m.height * ry for m in kept)
+    root = ET.Element("VRTDataset", rasterXSize=str(round((x1 - x0) / rx)), rasterYSize=str(round((y1 - y0) / ry)))
     ET.SubElement(root, "SRS", dataAxisToSRSAxisMapping="1,2").text = ref.crs.to_wkt()
     ET.SubElement(root, "GeoTransform").text = ", ".join(repr(float(v)) for v in (x0, rx, 0.0, y0, 0.0, ry))
     for b in range(1, ref.count + 1):
         band = ET.SubElement(root, "VRTRasterBand", dataType=_gdal_type(ref.dtypes[b - 1]), band=str(b))
         if ref.nodata is not None:
             ET.SubElement(band, "NoDataValue").text = repr(float(ref.nodata))
-        if b == 1 and ref.count == 1:
-            _colortable(band, ref)
-        for p, s in kept:
+        if ref.count == 1:
+            _colortable(band, ref.path)
+        for m in kept:
             src = ET.SubElement(band, "ComplexSource")
-            ET.SubElement(src, "SourceFilename", relativeToVRT="1").text = os.path.relpath(p, out.parent)
+            ET.SubElement(src, "SourceFilename", relativeToVRT="1").text = os.path.relpath(m.path, out.parent)
             ET.SubElement(src, "SourceBand").text = str(b)
-            ET.SubElement(src, "SrcRect", xOff="0", yOff="0", xSize=str(s.width), ySize=str(s.height))
-            ET.SubElement(src, "DstRect", xOff=str(round((s.bounds.left - x0) / rx)),
-                          yOff=str(round((s.bounds.top - y0) / ry)), xSize=str(s.width), ySize=str(s.height))
-            if s.nodata is not None:
-                ET.SubElement(src, "NODATA").text = repr(float(s.nodata))
+            ET.SubElement(src, "SrcRect", xOff="0", yOff="0", xSize=str(m.width), ySize=str(m.height))
+            ET.SubElement(src, "DstRect", xOff=str(round((m.left_top[0] - x0) / rx)),
+                          yOff=str(round((m.left_top[1] - y0) / ry)), xSize=str(m.width), ySize=str(m.height))
+            if m.nodata is not None:
+                ET.SubElement(src, "NODATA").text = repr(float(m.nodata))
     ET.indent(root)
     return ET.tostring(root, encoding="unicode") + "\n"
 
@@ -209,8 +244,10 @@ def write_polygons(path: Path, parts: list[dict[str, Any]], crs: str | None, app
             np.array([v for p in parts for v in p["class_id"]], dtype=np.int32),
             np.array([v for p in parts for v in p["area"]], dtype=np.float64)]
     try:
-        pyogrio.raw.write(str(path), geometry, data, fields, layer=VECTOR_LAYER, driver="GPKG",
-                          geometry_type="Polygon", crs=crs, append=append)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "'crs' was not provided")  # PNG/JPEG inputs: pixel coordinates
+            pyogrio.raw.write(str(path), geometry, data, fields, layer=VECTOR_LAYER, driver="GPKG",
+                              geometry_type="Polygon", crs=crs, append=append)
     except Exception as exc:  # noqa: BLE001 - pyogrio's errors (DataSourceError, OSError, ...) share no base
         raise CmdbError(f"cannot write polygons to {path}: {str(exc).splitlines()[0][:200]}") from None
     return len(geometry)

@@ -60,10 +60,23 @@ def output_complete(path: Path, fingerprint: str, width: int, height: int) -> bo
     if not path.is_file():
         return False
     try:
-        size = path.stat().st_size
         with quiet_georef(), rasterio.open(path) as src:
             if src.tags().get(FINGERPRINT_TAG) != fingerprint or (src.width, src.height) != (width, height):
                 return False
+    except (RasterioError, OSError):
+        return False
+    return blocks_intact(path)
+
+
+def blocks_intact(path: Path) -> bool:
+    """Every block of every band lies inside the file and the last one decodes.
+
+    Also the check after writing: GDAL reports some write failures (a full disk at the
+    final flush) only in its log, so a product is checked before it is renamed into place.
+    """
+    try:
+        size = path.stat().st_size
+        with quiet_georef(), rasterio.open(path) as src:
             for bidx in src.indexes:
                 last = None
                 for (row, col), win in src.block_windows(bidx):
@@ -73,22 +86,32 @@ def output_complete(path: Path, fingerprint: str, width: int, height: int) -> bo
                         return False
                     last = win
                 if last is not None:
-                    src.read(bidx, window=last)  # the tail decodes
+                    src.read(bidx, window=last)
     except (RasterioError, OSError, ValueError):
         return False
     return True
 
 
-def clean_parts(folder: Path) -> int:
-    """Remove temporary files (``.<name>.*.part*``) a killed run left; only under the run lock."""
+def clean_parts(finals: list[Path]) -> int:
+    """Remove temporary files a killed run left beside ``finals`` (only under the run lock).
+
+    Only this run's own leftovers: ``.<final name>.*.part*`` (``utils.atomic_path``, COG
+    intermediates, GeoPackage parts) and ``.<stem>.band*.part.tif`` (band parts, and their
+own temporary files, which start with two dots); another
+    program's temporary files in the same folder are left alone.
+    """
+    by_folder: dict[Path, list[str]] = {}
+    for f in finals:
+        by_folder.setdefault(f.parent, []).extend([f".{f.name}.", f".{f.stem}.band", f"..{f.stem}.band"])
     removed = 0
-    if not folder.is_dir():
-        return 0
-    for p in folder.iterdir():
-        if p.name.startswith(".") and ".part" in p.name and p.is_file():
-            with contextlib.suppress(OSError):
-                p.unlink()
-                removed += 1
+    for folder, prefixes in by_folder.items():
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if p.name.startswith(".") and ".part" in p.name and p.name.startswith(tuple(prefixes)):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    removed += 1
     return removed
 
 
@@ -111,6 +134,7 @@ class RunLock:
 
     def __init__(self, path: Path, target: Path):
         self.path, self.target, self.held = path, target, False
+        self.made_folder = False  # a run that fails before writing leaves no empty folder behind
 
     def _holder(self) -> dict[str, Any]:
         try:
@@ -120,6 +144,7 @@ class RunLock:
 
     def acquire(self) -> None:
         try:
+            self.made_folder = not self.path.parent.exists()
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise CmdbError(f"cannot create output folder {self.path.parent}: {exc.strerror or exc}") from None
@@ -150,4 +175,7 @@ class RunLock:
         if self.held:
             with contextlib.suppress(OSError):
                 self.path.unlink()
+            if self.made_folder:
+                with contextlib.suppress(OSError):
+                    self.path.parent.rmdir()  # only if the run wrote nothing there
             self.held = False

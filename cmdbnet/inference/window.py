@@ -253,19 +253,10 @@ class StripPredictor:
             last = i == gy.count - 1
             done = y0 + (gy.tile if last else gy.stride)  # rows before this are final
             r0, r1 = max(next_row, y0), min(done, height)
-            if r1 > r0 and i < i0:
-                next_row = r1  # finished by window rows outside this band: not ours to emit
-            elif r1 > r0:
-                a, b = r0 - y0, r1 - y0
-                norm = cov_y[r0:r1, None] * cov_x[None, :]
-                acc_rows = acc[:, a:b, c0:c0 + width]
-                p = acc_rows / norm if self.want_probs else None
-                bd = bacc[a:b, c0:c0 + width] / norm if bacc is not None else None
-                # the weight sum is a positive per-pixel factor: arg-max of the sums is the
-                # arg-max of the blended probabilities. max(0).indices, not argmax(0): the
-                # same answer, ~3x faster on CPU.
-                index = acc_rows.max(0).indices.to(torch.uint8).cpu().numpy()
-                emit(Strip(r0, p, bd, index))
+            if r1 > r0:
+                if i >= i0:  # rows finished by window rows before the band are not ours to emit
+                    norm = cov_y[r0:r1, None] * cov_x[None, :]
+                    emit(self._strip(acc, bacc, norm, r0, r1 - r0, r0 - y0, c0, width))
                 next_row = r1
             if not last:  # carry the overlap rows to the next window row
                 keep = gy.tile - gy.stride
@@ -274,6 +265,17 @@ class StripPredictor:
                 if bacc is not None:
                     bacc[:keep] = bacc[gy.stride:].clone()
                     bacc[keep:] = 0
+
+    def _strip(self, acc: torch.Tensor, bacc: torch.Tensor | None, norm: torch.Tensor, r0: int, h: int, a: int,
+               c0: int, width: int) -> Strip:
+        """Finished rows ``[r0, r0 + h)``, which sit at row ``a`` of the accumulators."""
+        acc_rows = acc[:, a:a + h, c0:c0 + width]
+        p = acc_rows / norm if self.want_probs else None
+        bd = bacc[a:a + h, c0:c0 + width] / norm if bacc is not None else None
+        # the weight sum is a positive per-pixel factor: arg-max of the sums is the arg-max of
+        # the blended probabilities. max(0).indices, not argmax(0): the same answer, ~3x faster on CPU.
+        index = acc_rows.max(0).indices.to(torch.uint8).cpu().numpy()
+        return Strip(r0, p, bd, index)
 
 
 def first_window_row(gy: AxisGrid, i0: int) -> int:

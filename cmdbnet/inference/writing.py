@@ -24,6 +24,7 @@ from rich.progress import TimeElapsedColumn
 from cmdbnet.errors import CmdbError
 from cmdbnet.inference.gis import cog_stage
 from cmdbnet.inference.rasters import InputInfo, ModelMeta, ProductWriter, gdal_reason, open_raster, quiet_georef
+from cmdbnet.inference.resume import blocks_intact
 from cmdbnet.inference.window import Strip, StripPredictor, emitted_rows
 from cmdbnet.progress import progress_bar
 from cmdbnet.utils import atomic_path
@@ -73,11 +74,22 @@ class Progress:
 
 
 @contextlib.contextmanager
+def verified(paths: dict[str, Path]):
+    """On success, check every written file is whole (``resume.blocks_intact``) or fail."""
+    yield
+    for p in paths.values():
+        if not blocks_intact(p):
+            raise CmdbError(f"cannot write output in {p.parent}: the file is incomplete after writing "
+                            "(disk full or quota?); nothing was kept under a final name")
+
+
+@contextlib.contextmanager
 def _products(stack: contextlib.ExitStack, src, info: InputInfo, meta: ModelMeta, plan: dict[str, Path],
               tags: dict[str, str], cog: bool):
     """A ProductWriter on temporary files that become ``plan`` (as COGs with ``cog``) on success."""
     tmp = {name: stack.enter_context(atomic_path(path)) for name, path in plan.items()}
     paths = stack.enter_context(cog_stage(tmp)) if cog else tmp
+    stack.enter_context(verified(paths))
     writer = ProductWriter(src, info, meta, paths, tags)
     stack.callback(writer.close)  # closes before the COG copies and renames above run
     yield writer

@@ -13,6 +13,7 @@ from rasterio.transform import from_origin
 
 from cmdbnet.checkpoint import save_checkpoint
 from cmdbnet.data.registry import ISPRS_CLASSES, ISPRS_PALETTE
+from cmdbnet.models import build_model
 from cmdbnet.settings import IMAGENET_MEAN, IMAGENET_STD, ModelSettings, Settings
 
 GSD = 0.5
@@ -49,8 +50,6 @@ def make_folder(folder: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
-    from cmdbnet.models import build_model
-
     torch.manual_seed(0)
     settings = Settings(model=ModelSettings(backbone="resnet18", mamba_depths=[1, 1, 1, 1],
                                             mamba_dims=[16, 32, 64, 128], fusion_channels=32, pretrained="off",
