@@ -11,6 +11,7 @@ and boundary terms, as in training; the U-Net's is cross-entropy on its one outp
     python benchmarks/model.py                      # batch 4, 256 x 256, 5 rounds
     python benchmarks/model.py --rounds 3 --variant no_boundary
     python benchmarks/model.py --scan-share         # how much of the step is the selective scan
+    python benchmarks/model.py --breakdown          # time per module against its FLOP share
     python benchmarks/model.py --set ssm_expand=1.0 --set mlp_ratio=2.0
 
 On a machine shared with other jobs, wall times swing by 2x from round to round: the ratio of
@@ -35,6 +36,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.breakdown import flop_shares, print_table, time_breakdown  # noqa: E402
 from cmdbnet.models import build_model  # noqa: E402
 from cmdbnet.models.vss import SelectiveScan  # noqa: E402
 from cmdbnet.settings import ModelSettings  # noqa: E402
@@ -108,6 +110,21 @@ class _FreeScan(nn.Module):
         return u * delta
 
 
+def _breakdown(args, overrides) -> None:
+    torch.manual_seed(0)
+    ours = build_model(ModelSettings(variant=args.variant, pretrained="off", **overrides)).train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, args.crop, args.crop, generator=g)
+    y = torch.randint(0, 6, (args.batch, args.crop, args.crop), generator=g)
+    print(f"per-module breakdown, batch {args.batch}, {args.crop}x{args.crop}, fp32, {torch.get_num_threads()} "
+          f"threads, load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    for _ in range(args.warmup):
+        _our_loss(ours(x), y).backward()
+    runs = [time_breakdown(ours, _our_loss, x, y) for _ in range(max(1, args.rounds))]
+    fwd, bwd = ({k: statistics.median(r[i].get(k, 0.0) for r in runs) for k in runs[0][i]} for i in (0, 1))
+    print_table(fwd, bwd, flop_shares(ours, x), statistics.median(r[2] for r in runs))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=4)
@@ -120,8 +137,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="override a model setting, e.g. --set ssm_expand=1.0 (repeatable)")
     p.add_argument("--scan-share", action="store_true",
                    help="also time our network with the scan replaced by a free stand-in")
+    p.add_argument("--breakdown", action="store_true",
+                   help="only profile one step of ours per module (after a warm-up step) and exit")
     args = p.parse_args(argv)
     overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    if args.breakdown:
+        return _breakdown(args, overrides)
 
     load_before = os.getloadavg()
     torch.manual_seed(0)
