@@ -83,11 +83,13 @@ def _scan_forward(x, a, h0, p):
         x[0].addcmul_(a[0], h0)
     if m > 1:
         X, A = x[:m * c].view(m, c, *x.shape[1:]), a[:m * c].view(m, c, *x.shape[1:])
+        xs, as_ = X.unbind(1), A.unbind(1)  # views made once: a Python-level index costs an op too
         for t in range(1, c):
-            X[:, t].addcmul_(A[:, t], X[:, t - 1])
+            xs[t].addcmul_(as_[t], xs[t - 1])
         P = torch.cumprod(A, dim=1, out=p[:m * c].view(A.shape))
+        ends, decays = X[:, -1].unbind(0), P[:, -1].unbind(0)
         for j in range(1, m):
-            X[j, -1].addcmul_(P[j, -1], X[j - 1, -1])
+            ends[j].addcmul_(decays[j], ends[j - 1])
         X[1:, :-1].addcmul_(P[1:, :-1], X[:-1, -1:])
     for t in range(m * c if m > 1 else 1, k):
         x[t].addcmul_(a[t], x[t - 1])
@@ -104,13 +106,15 @@ def _scan_reverse(g, a, q):
     r = k - m * c
     if m > 1:
         G, A, Q = (t[r:].view(m, c, *g.shape[1:]) for t in (g, a, q))
-        Q[:, -1].fill_(1.0)
+        gs, as_, qs = G.unbind(1), A.unbind(1), Q.unbind(1)
+        qs[-1].fill_(1.0)
         for t in range(c - 2, -1, -1):
-            G[:, t].addcmul_(A[:, t + 1], G[:, t + 1])
-            torch.mul(Q[:, t + 1], A[:, t + 1], out=Q[:, t])
-        R = Q[:-1, 0].mul_(A[1:, 0])  # decay from each sub-chunk's first step to the next one's
+            gs[t].addcmul_(as_[t + 1], gs[t + 1])
+            torch.mul(qs[t + 1], as_[t + 1], out=qs[t])
+        R = Q[:-1, 0].mul_(A[1:, 0]).unbind(0)  # decay from a sub-chunk's first step to the next one's
+        firsts = G[:, 0].unbind(0)
         for j in range(m - 2, -1, -1):
-            G[j, 0].addcmul_(R[j], G[j + 1, 0])
+            firsts[j].addcmul_(R[j], firsts[j + 1])
         G[:-1, 1:].addcmul_(Q[:-1, 1:], torch.mul(A[1:, 0], G[1:, 0]).unsqueeze(1))
     for t in range(r - 1 if m > 1 else k - 2, -1, -1):
         g[t].addcmul_(a[t + 1], g[t + 1])
