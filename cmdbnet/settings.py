@@ -134,6 +134,8 @@ class PredictSettings(_Section):
     boundary: bool = Field(False, description="also write the boundary probability (uint8, value/255)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(False, description="mixed precision: fp16 on CUDA, bf16 on CPU")
+    compile: bool = Field(False, description="torch.compile the network when the rasters have enough windows "
+                                             "to win back the compile time")
 
     @field_validator("tile")
     @classmethod

@@ -40,6 +40,8 @@ def predict_cmd(
                                             help="Also write the boundary probability (uint8, value/255)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (default auto)."),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (fp16 on CUDA, bf16 on CPU)."),
+    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                            help="torch.compile the network (only on enough windows to pay back)."),
     config: Optional[Path] = ConfigOption,
     as_json: bool = JsonFlag,
 ) -> None:
@@ -63,7 +65,8 @@ def predict_cmd(
 
     settings = settings_from(config, predict={
         "tile": tile, "overlap": overlap, "tta": tta, "batch": batch, "format": fmt,
-        "probs": probs, "boundary": boundary, "device": device, "amp": amp})
+        "probs": probs, "boundary": boundary, "device": device, "amp": amp,
+        "compile": compile_})
     summaries = predict(inputs, out, checkpoint, settings.predict, progress=not as_json)
     if as_json:
         print_json(summaries)

@@ -149,6 +149,21 @@ def test_checkpoint_probe_and_tta_shapes(ckpt):
     assert 0 <= float(b8.min()) and float(b8.max()) <= 1
 
 
+def test_prediction_runs_in_inference_mode_and_its_outputs_blend_outside_it():
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x):
+            seen.append(torch.is_inference_mode_enabled())
+            return {"seg": x[:, :2] * 2.0, "boundary": x[:, :1]}
+
+    p, b = forward_tta(Spy(), torch.randn(1, 3, 32, 32), "flip")
+    assert seen == [True] * 3 and p.shape == (1, 2, 32, 32) and b.shape == (1, 1, 32, 32)
+    acc = torch.zeros(2, 32, 32)
+    acc.addcmul_(p[0], torch.ones(32, 32))  # what StripPredictor does with them, outside the mode
+    assert torch.allclose(acc.sum(0), torch.ones(32, 32), atol=1e-5)
+
+
 def test_memory_is_bounded_by_the_strip_not_the_raster():
     """The accumulator is (K, tile, padded width) for a raster 8x taller than wide."""
     net = _Pointwise().eval()
