@@ -16,7 +16,9 @@ def summary_line(s: dict) -> str:
     outs = ", ".join(s["outputs"].values())
     return (f"{Path(s['input']).name}: {s['width']}x{s['height']} px, {s['bands']} bands, "
             f"{s['windows']} windows in {s['seconds']:.1f} s ({s['mpx_per_s']:.2f} Mpx/s, "
-            f"strip buffer {format_bytes(s['accumulator_bytes'])}) -> {outs}")
+            f"strip buffer {format_bytes(s['accumulator_bytes'])}) -> {outs}"
+            + (f"; compiled in {s['compile_seconds']:.1f} s" if "compile_seconds" in s else
+               f"; compile {s['compile']}" if s.get("compile", "off") != "off" else ""))
 
 
 def predict_cmd(

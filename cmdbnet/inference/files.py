@@ -32,6 +32,7 @@ from rasterio.windows import Window
 
 from cmdbnet.checkpoint import load_model, resolve_checkpoint
 from cmdbnet.errors import CmdbError
+from cmdbnet.inference.compiled import compile_predictor
 from cmdbnet.inference.rasters import (
     ModelMeta,
     ProductWriter,
@@ -157,13 +158,14 @@ def predict(inputs: str | os.PathLike | Iterable[str | os.PathLike], out: str | 
     predictor = StripPredictor(model, meta.mean, meta.std, s.tile, s.overlap, s.tta, s.batch,
                                device, s.amp, boundary=s.boundary, probs=s.probs)
     total = sum(predictor.count_windows(i.height, i.width) for i in infos)
+    compiled = compile_predictor(predictor, total, meta.band_count, s.compile)
     summaries = []
     with _Progress(progress, total) as bar:
         for info, plan in zip(infos, plans):
             bar.file(info.path.name)
             summary = _predict_file(predictor, info, plan, meta, ckpt_path, bar)
             summary.update(device=str(device), tile=s.tile, overlap=s.overlap, tta=s.tta,
-                           batch=s.batch, amp=s.amp, checkpoint=str(ckpt_path))
+                           batch=s.batch, amp=s.amp, checkpoint=str(ckpt_path), **compiled)
             summaries.append(summary)
     return summaries
 

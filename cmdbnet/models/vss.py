@@ -46,8 +46,13 @@ class DropPath(nn.Module):
 
 
 class SelectiveScan(nn.Module):
-    """The scan as a module: complexity counting hooks it (FLOP counters cannot see inside)."""
+    """The scan as a module: complexity counting hooks it (FLOP counters cannot see inside).
 
+    Opaque to torch.compile: tracing the torch backend would unroll its time loop and its
+    worker threads into the graph (minutes of compile for nothing); the rest compiles around it.
+    """
+
+    @torch.compiler.disable
     def forward(self, u, delta, A, B, C, D, delta_bias):  # noqa: N803
         return selective_scan(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=True)
 

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from cmdbnet.checkpoint import save_checkpoint
 from cmdbnet.cli import app
 from cmdbnet.data.registry import ISPRS_CLASSES, ISPRS_PALETTE
+from cmdbnet.inference import compiled
 from cmdbnet.inference.files import load_predictor_model, predict
 from cmdbnet.inference.window import StripPredictor, axis_grid, forward_tta, predict_array
 from cmdbnet.settings import IMAGENET_MEAN, IMAGENET_STD, ModelSettings, PredictSettings, Settings
@@ -401,3 +402,17 @@ def test_several_inputs_folder_naming_and_summary(ckpt, tmp_path):
     assert res.exit_code != 0 and "need an output folder" in res.stderr
     res = run_cli("predict", "--help")
     assert res.exit_code == 0 and "Examples" in res.stdout
+
+
+def test_compile_only_where_the_windows_pay_it_back(ckpt, small_tif, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(compiled.torch, "compile", lambda m, **kw: calls.append(kw) or m)  # no real compile
+    res = run_cli("predict", small_tif, "-o", tmp_path / "a.tif", "-k", ckpt, "--compile", "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output)[0]
+    assert calls == [] and summary["compile"].startswith("skipped: 1 windows")
+    model, _, meta, _ = load_predictor_model(ckpt, torch.device("cpu"))
+    sp = StripPredictor(model, meta.mean, meta.std, tile=64, batch=2)
+    info = compiled.compile_predictor(sp, windows=9, bands=3, enabled=True, min_windows=9)
+    assert calls == [{"dynamic": False}] and info["compile"] == "on" and info["compile_seconds"] >= 0
+    assert compiled.compile_predictor(sp, 10**6, 3, enabled=False) == {"compile": "off"}
