@@ -19,7 +19,7 @@ __all__ = ["COMPILE_MIN_WINDOWS", "compile_predictor"]
 
 # Windows (of any size) from which compiling is expected to win back its time; see the
 # compile figures in benchmarks/RESULTS.md.
-COMPILE_MIN_WINDOWS = 512
+COMPILE_MIN_WINDOWS = 768
 
 
 def compile_predictor(predictor: StripPredictor, windows: int, bands: int, enabled: bool,
