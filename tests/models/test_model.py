@@ -111,6 +111,28 @@ def test_every_variant_trains_one_step(variant):
     assert changed == len(before)
 
 
+def test_channels_last_inference_on_cpu_is_as_exact_as_nchw(monkeypatch):
+    import copy
+
+    from cmdbnet.models import net as net_module
+
+    model = build(small()).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        ours = model(x)
+        wide = copy.deepcopy(model).double()(x.double())  # the fp64 truth, NCHW
+        monkeypatch.setattr(net_module, "_cpu_layout", lambda t: t)
+        plain = model(x)  # the forward as it was, NCHW
+    assert not ours["seg"].is_contiguous() and plain["seg"].is_contiguous()  # the layout did change
+    for key in ("seg", "boundary"):
+        err = lambda o: ((o[key].double() - wide[key]).norm() / wide[key].norm()).item()  # noqa: E731
+        assert torch.allclose(ours[key], plain[key], rtol=1e-4, atol=1e-5), key
+        assert err(ours) <= 2 * err(plain) + 1e-7, key
+    monkeypatch.undo()
+    model.train()
+    assert model(x)["seg"].is_contiguous()  # training keeps NCHW (see _cpu_layout)
+
+
 def test_variants_differ_in_the_fusion_module():
     kinds = {v: type(build(small(variant=v)).fusion).__name__ for v in VARIANTS}
     assert kinds == {"full": "GatedFusion", "no_boundary": "GatedFusion", "no_fusion": "ConcatFusion",
