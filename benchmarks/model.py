@@ -18,7 +18,8 @@ and boundary terms, as in training; the U-Net's is cross-entropy on its one outp
 
 On a machine shared with other jobs, wall times swing by 2x from round to round: the ratio of
 medians is the figure, the ratio of minima and of process CPU time are printed beside it as
-load-robust checks, and the load average before and after says how far to trust them.
+load-robust checks, and the load average before and after says how far to trust them. The
+process keeps freed memory for reuse as ``cmdb`` does (cmdbnet.runtime.reuse_freed_memory).
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.breakdown import flop_shares, print_table, time_breakdown  # noqa: E402
+
 from cmdbnet.models import build_model  # noqa: E402
 from cmdbnet.models.vss import SelectiveScan  # noqa: E402
+from cmdbnet.runtime import reuse_freed_memory  # noqa: E402
 from cmdbnet.settings import ModelSettings  # noqa: E402
 from cmdbnet.utils import format_bytes, peak_rss_bytes  # noqa: E402
 
@@ -146,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--breakdown", action="store_true",
                    help="only profile one step of ours per module (after a warm-up step) and exit")
     args = p.parse_args(argv)
+    reuse_freed_memory()  # as the cmdb CLI does; both networks run in this process, so both get it
     overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     if args.breakdown:
         return _breakdown(args, overrides)

@@ -83,9 +83,11 @@ def make_checkpoint(path: Path, light: bool) -> None:
 def child_predict(a: dict) -> dict:
     import cmdbnet.models  # noqa: F401  (imports are process start-up, as in the bare child)
     from cmdbnet.inference.files import predict
+    from cmdbnet.runtime import reuse_freed_memory
     from cmdbnet.settings import PredictSettings
     from cmdbnet.utils import peak_rss_bytes
 
+    reuse_freed_memory()  # as `cmdb predict` does
     s = PredictSettings(tile=a["tile"], overlap=a["overlap"], batch=a["batch"], device="cpu", format=a["format"])
     t0, c0 = time.perf_counter(), time.process_time()
     summary = predict([a["input"]], a["out"], a["ckpt"], s, progress=sys.stderr.isatty())[0]
@@ -98,14 +100,16 @@ def child_bare(a: dict) -> dict:
 
     from cmdbnet.checkpoint import load_model
     from cmdbnet.inference.window import axis_grid
+    from cmdbnet.runtime import reuse_freed_memory
     from cmdbnet.utils import peak_rss_bytes
 
+    reuse_freed_memory()  # as the predict child
     model, _ = load_model(a["ckpt"], "cpu")
     gy, gx = axis_grid(a["height"], a["tile"], a["overlap"]), axis_grid(a["width"], a["tile"], a["overlap"])
     sizes = [min(a["batch"], gx.count - j) for j in range(0, gx.count, a["batch"])]
     inputs = {b: torch.randn(b, 3, a["tile"], a["tile"]) for b in set(sizes)}
     seconds = cpu = 0.0
-    with torch.no_grad():
+    with torch.inference_mode():  # as predict's forward
         model(inputs[sizes[0]][:1, :, :64, :64])  # same small warm-up as predict's probe
         for _ in range(gy.count):
             for b in sizes:

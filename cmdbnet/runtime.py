@@ -7,6 +7,9 @@ choices (e.g. that fp16 autocast needs CUDA) or their numbers stop being compara
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import os
 import random
 from dataclasses import dataclass
@@ -27,6 +30,28 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
             raise CmdbError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
         return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
     return torch.device("cpu")
+
+
+# glibc's mallopt parameters (malloc.h) and the largest mmap threshold it accepts on 64-bit.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX = -1, -3, 32 << 20
+
+
+@functools.cache
+def reuse_freed_memory() -> bool:
+    """Let glibc's malloc keep freed tensor memory for reuse instead of returning it to the kernel.
+
+    By default a MiB-sized tensor is a fresh mmap whose every page the kernel zero-fills on
+    first touch; a network with many such activations per step spends about a tenth of its
+    CPU time there (benchmarks/RESULTS.md). With the mmap threshold at its 32 MiB maximum and
+    no trimming, freed blocks are reused: the peak is the same, memory is just not handed
+    back between peaks. Process-wide, so the CLI calls it, not the library. False off glibc.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def seed_everything(seed: int) -> None:

@@ -10,6 +10,8 @@ import importlib
 
 import typer
 
+from cmdbnet.runtime import reuse_freed_memory
+
 app = typer.Typer(
     name="cmdb",
     help="cmdbnet: CNN + Mamba semantic segmentation of aerial imagery on a 6 GB GPU.",
@@ -35,4 +37,5 @@ for _name in _COMMAND_MODULES:
 
 def main() -> None:
     """Console-script entry point."""
+    reuse_freed_memory()
     app(prog_name="cmdb")
