@@ -42,7 +42,7 @@ class DropPath(nn.Module):
         if not self.training or self.p == 0.0:
             return x
         keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
-        return x * keep / (1.0 - self.p)
+        return x * keep.div_(1.0 - self.p)  # scale the (B, 1, 1, 1) mask, not the activations
 
 
 class SelectiveScan(nn.Module):

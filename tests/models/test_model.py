@@ -13,7 +13,7 @@ import torchvision
 from cmdbnet.errors import CmdbError, ConfigError
 from cmdbnet.models import CMDBNet, build_model
 from cmdbnet.models.cnn import hub_weights_file
-from cmdbnet.models.vss import SS2D, _cross_merge, _cross_scan
+from cmdbnet.models.vss import SS2D, DropPath, _cross_merge, _cross_scan
 from cmdbnet.settings import ModelSettings, load_settings
 
 VARIANTS = ["full", "cnn_only", "mamba_only", "no_fusion", "no_boundary"]
@@ -131,6 +131,17 @@ def test_channels_last_inference_on_cpu_is_as_exact_as_nchw(monkeypatch):
     monkeypatch.undo()
     model.train()
     assert model(x)["seg"].is_contiguous()  # training keeps NCHW (see _cpu_layout)
+
+
+def test_drop_path_drops_whole_samples_and_rescales_the_rest():
+    dp = DropPath(0.5).train()
+    torch.manual_seed(0)
+    x = torch.randn(64, 4, 4, 8)
+    y = dp(x)
+    kept, dropped = (y != 0).flatten(1).all(1), (y == 0).flatten(1).all(1)
+    assert (kept | dropped).all() and kept.any() and dropped.any()
+    assert torch.allclose(y[kept], 2 * x[kept])
+    assert dp.eval()(x) is x
 
 
 def test_variants_differ_in_the_fusion_module():
