@@ -8,8 +8,8 @@ global context the CNN branch lacks. The four directions go through the scan as 
 
 Defaults: d_state 1 and no z gate as VMamba v2, which found them more accurate than v0's
 d_state 16 / expand 2 / silu(z) gate; expand 0.5 as CM-UNet, because on CPU our torch scan is
-a sequential loop over 4096 tokens at stage 1, a fifth to a third of a training step
-(benchmarks/model.py --scan-share), and its cost grows with the scanned width; an MLP ratio of 2.5 after the scan puts back the
+a recurrence over 4096 tokens at stage 1 whose cost grows with the scanned width (its share
+of a step: benchmarks/model.py --breakdown); an MLP ratio of 2.5 after the scan puts back the
 parameters the narrower scan gives up. ``ssm_gate=True``, ``d_state=16``, ``ssm_expand=2``
 restore the v0 block.
 
