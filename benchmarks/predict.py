@@ -148,7 +148,7 @@ def main() -> int:
     p.add_argument("--light", action="store_true", help="small network (resnet18, thin Mamba) for quick runs")
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--overlap", type=float, default=0.25)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=4, help="windows per forward (cmdb predict's default)")
     p.add_argument("--format", default="index", choices=["index", "color", "both"])
     p.add_argument("--workdir", default="/tmp/cmdb-bench-predict")
     p.add_argument("--preview", help="write a PNG rendering of the colour output here")

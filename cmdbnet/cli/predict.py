@@ -33,7 +33,7 @@ def predict_cmd(
     overlap: Optional[float] = typer.Option(None, "--overlap", help="Window overlap fraction, 0..0.75 (default 0.25)."),
     tta: Optional[str] = typer.Option(None, "--tta",
                                       help="Test-time augmentation: none, flip (3 views) or d4 (8) (default none)."),
-    batch: Optional[int] = typer.Option(None, "--batch", "-b", help="Windows per forward pass (default 8)."),
+    batch: Optional[int] = typer.Option(None, "--batch", "-b", help="Windows per forward pass (default 4)."),
     fmt: Optional[str] = typer.Option(None, "--format",
                                       help="index (palette mask), color (RGBA) or both (default index)."),
     probs: Optional[bool] = typer.Option(None, "--probs/--no-probs",
