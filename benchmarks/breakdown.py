@@ -18,6 +18,7 @@ import time
 from collections import defaultdict
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from cmdbnet.models import vss
@@ -170,3 +171,34 @@ def _order(label: str):
     top = ["cnn", "mamba", "fusion", "boundary", "heads"]
     head = next((i for i, t in enumerate(top) if label.startswith(t)), len(top))
     return head, label
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts every aten op dispatched in this thread: a load-independent measure of overhead."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(model, loss_fn, x, y) -> tuple[int, int]:
+    """(aten ops of one training forward + backward, of one eval forward under inference_mode).
+
+    Runs with one torch thread, so that the scan runs in this thread where the mode sees it.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with _CountOps() as train:
+            loss_fn(model(x), y).backward()
+        model.eval()
+        with _CountOps() as infer, torch.inference_mode():
+            model(x)
+    finally:
+        model.train()
+        torch.set_num_threads(threads)
+    return train.count, infer.count

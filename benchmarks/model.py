@@ -39,7 +39,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.breakdown import flop_shares, print_table, time_breakdown  # noqa: E402
+from benchmarks.breakdown import count_ops, flop_shares, print_table, time_breakdown  # noqa: E402
 
 from cmdbnet.models import build_model  # noqa: E402
 from cmdbnet.models.vss import SelectiveScan  # noqa: E402
@@ -128,6 +128,8 @@ def _breakdown(args, overrides) -> None:
     runs = [time_breakdown(ours, _our_loss, x, y) for _ in range(max(1, args.rounds))]
     fwd, bwd = ({k: statistics.median(r[i].get(k, 0.0) for r in runs) for k in runs[0][i]} for i in (0, 1))
     print_table(fwd, bwd, flop_shares(ours, x), statistics.median(r[2] for r in runs))
+    train_ops, infer_ops = count_ops(ours, _our_loss, x[:2], y[:2])
+    print(f"aten ops at batch 2: {train_ops} per training forward + backward, {infer_ops} per inference forward")
 
 
 def main(argv: list[str] | None = None) -> None:
