@@ -74,8 +74,8 @@ class CMDBNet(nn.Module):
 
 def _cpu_layout(x: torch.Tensor) -> torch.Tensor:
     """Channels-last input for CPU inference: oneDNN's convolutions run faster in it and keep it
-    downstream (benchmarks/RESULTS.md), with outputs as close to fp64 as NCHW's. Not with
-    gradients: its backward measured 100x further from fp64 than NCHW's (8e-4 relative)."""
+    downstream, with outputs as close to fp64 as NCHW's. Not with gradients: its backward
+    measured far further from fp64 than NCHW's (both in benchmarks/RESULTS.md)."""
     if x.device.type == "cpu" and x.dim() == 4 and not torch.is_grad_enabled():
         return x.contiguous(memory_format=torch.channels_last)
     return x
