@@ -139,6 +139,16 @@ def test_two_level_scans_match_the_sequential_recurrence(k):
     assert torch.allclose(rev, want_r, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_backward_products_match_matmul(n):
+    g = torch.Generator().manual_seed(n)
+    x, v, b = (torch.randn(*shape, generator=g) for shape in ((5, 2, 4, n, 8), (5, 2, 4, 1, 8), (5, 2, 4, n, 1)))
+    dot, outer = torch.empty(5, 2, 4, n, 1), torch.empty(5, 2, 4, 1, 8)
+    chunked._dot(x, v, dot, torch.empty_like(x))
+    chunked._outer(b, x, outer)
+    assert torch.allclose(dot, x @ v.mT, atol=1e-6) and torch.allclose(outer, b.mT @ x, atol=1e-6)
+
+
 def test_long_chunks_at_small_d_state_match_reference():
     kw = make_inputs(2, 8, 1500, 1, "g2", D=True, bias=True)  # one 1024-step chunk in two levels, one shorter
     assert chunked.chunk_plan(2, 8, 1500, 1)[0] == 1024
