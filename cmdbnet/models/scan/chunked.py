@@ -128,6 +128,13 @@ def _dot(x, v, out, tmp):
     return torch.sum(torch.mul(x, v, out=tmp), dim=-1, keepdim=True, out=out)
 
 
+def _sum_n(x, v, out, tmp):
+    """out = (x * v).sum over N (dim -2), written straight into ``out`` at N = 1."""
+    if x.shape[-2] == 1:
+        return torch.mul(x, v, out=out)
+    return torch.sum(torch.mul(x, v, out=tmp), dim=-2, keepdim=True, out=out)
+
+
 def _outer(b, g, out):
     """out = b.mT @ g, b (..., N, 1), g (..., N, D/G): at N = 1 exactly a broadcast multiply."""
     return torch.matmul(b.mT, g, out=out) if b.shape[-2] != 1 else torch.mul(g, b, out=out)
@@ -182,7 +189,7 @@ class _Part:
                     full[s0 + r.start:s0 + r.stop].copy_(x)
                 # Not a matmul as in backward: FlopCounterMode would count it, and profiling.complexity
                 # counts the scan by scan_macs instead, whether or not a worker thread runs it.
-                torch.sum(torch.mul(x, Cc[r], out=a), dim=-2, keepdim=True, out=y[r])
+                _sum_n(x, Cc[r], y[r], a)
             if self.Dv is not None:
                 y.addcmul_(uc, self.Dv)
             if self.z is not None:
@@ -240,7 +247,7 @@ class _Part:
                     if gA_acc is not None:
                         gA_acc[:k].addcmul_(a, dt[r])
                     if gdtA is not None:
-                        torch.sum(torch.mul(a, At, out=w), dim=-2, keepdim=True, out=gdtA[r])
+                        _sum_n(a, At, gdtA[r], w)
             tmp = ws("tmp", *uc.shape)
             if gz is not None:
                 store(ws, gz, s0, s1, gz_b.mul_(yb if Dv is None else yb.addcmul_(uc, Dv)))
