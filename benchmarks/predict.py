@@ -97,8 +97,9 @@ def child_predict(a: dict) -> dict:
     import cmdbnet.models  # noqa: F401  (imports are process start-up, as in the bare child)
     from cmdbnet.inference.files import predict
     from cmdbnet.settings import PredictSettings
-    from cmdbnet.utils import peak_rss_bytes
+    from cmdbnet.utils import peak_rss_bytes, reuse_freed_memory
 
+    reuse_freed_memory()  # as `cmdb predict` does
     s = PredictSettings(tile=a["tile"], overlap=a["overlap"], batch=a["batch"], device="cpu", format=a["format"])
     t0, c0 = time.perf_counter(), time.process_time()
     summary = predict([a["input"]], a["out"], a["ckpt"], s, progress=sys.stderr.isatty())[0]
@@ -111,14 +112,15 @@ def child_bare(a: dict) -> dict:
 
     from cmdbnet.checkpoint import load_model
     from cmdbnet.inference.window import axis_grid
-    from cmdbnet.utils import peak_rss_bytes
+    from cmdbnet.utils import peak_rss_bytes, reuse_freed_memory
 
+    reuse_freed_memory()  # as the predict child
     model, _ = load_model(a["ckpt"], "cpu")
     gy, gx = axis_grid(a["height"], a["tile"], a["overlap"]), axis_grid(a["width"], a["tile"], a["overlap"])
     sizes = [min(a["batch"], gx.count - j) for j in range(0, gx.count, a["batch"])]
     inputs = {b: torch.randn(b, 3, a["tile"], a["tile"]) for b in set(sizes)}
     seconds = cpu = 0.0
-    with torch.no_grad():
+    with torch.inference_mode():  # as predict's forward
         model(inputs[sizes[0]][:1, :, :64, :64])  # same small warm-up as predict's probe
         for _ in range(gy.count):
             for b in sizes:
@@ -220,7 +222,7 @@ def main() -> int:
     p.add_argument("--tiny", action="store_true", help="folder mode: the tests' tiny network (fastest)")
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--overlap", type=float, default=0.25)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=4, help="windows per forward (cmdb predict's default)")
     p.add_argument("--format", default="index", choices=["index", "color", "both"])
     p.add_argument("--workdir", default="/tmp/cmdb-bench-predict")
     p.add_argument("--preview", help="write a PNG rendering of the colour output here")

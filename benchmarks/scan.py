@@ -2,6 +2,7 @@
 
     python benchmarks/scan.py            # the real reference at L=1024: 1.5 to 3.5 min on 2 cores
     python benchmarks/scan.py --quick    # reference at L=128, extrapolated linearly to 1024
+    python benchmarks/scan.py --network --before main   # the network's own scan calls, against a git ref
 
 The reference's backward grows faster than L (see main), so an extrapolated time flatters it
 and the speed-up target is judged only on the real run.
@@ -14,8 +15,13 @@ are only meaningful when it is otherwise idle; the load average is printed for t
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import os
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,8 +29,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cmdbnet.models.scan import scan_macs  # noqa: E402
+from cmdbnet.models.scan import override_function, scan_macs  # noqa: E402
 from cmdbnet.models.scan.dispatch import _selective_scan_torch  # noqa: E402
+from cmdbnet.settings import ModelSettings  # noqa: E402
 
 SPEEDUP_TARGET = 50.0
 STAGE1_TARGET_S = 1.5
@@ -103,13 +110,75 @@ def measure_peak(fn, *args):
     return result, rss_mib() - before
 
 
+def network_shapes(batch: int = 4, crop: int = 256) -> list[tuple[int, int, int, int, int]]:
+    """(b, d, l, n, groups) of one scan call per Mamba stage of the default network at ``crop``."""
+    m = ModelSettings()
+    return [(batch, 4 * max(1, int(m.ssm_expand * dim)), (crop // 2 ** (i + 2)) ** 2, m.d_state, 4)
+            for i, dim in enumerate(m.mamba_dims)]
+
+
+def scan_function_at(ref: str):
+    """ChunkedScan as git ``ref`` has it, imported from a copy of its scan package in a temp dir."""
+    root = Path(tempfile.mkdtemp(prefix="cmdb-scan-"))
+    pkg = root / "oldscan"
+    pkg.mkdir()
+    for name in ("chunked", "buffers"):
+        text = subprocess.run(["git", "show", f"{ref}:cmdbnet/models/scan/{name}.py"], check=True, text=True,
+                              capture_output=True, cwd=Path(__file__).resolve().parents[1]).stdout
+        (pkg / f"{name}.py").write_text(text.replace("cmdbnet.models.scan.buffers", "oldscan.buffers"))
+    (pkg / "__init__.py").touch()
+    sys.path.insert(0, str(root))
+    return importlib.import_module("oldscan.chunked").ChunkedScan
+
+
+def network_table(before: str | None, rounds: int) -> None:
+    """Forward + backward per call at the network's shapes, ours (and ``before``'s) alternating."""
+    old = scan_function_at(before) if before else None
+    print(f"the network's scan calls (batch 4, 256 x 256, d_state 1, D, delta_bias, softplus, no z), "
+          f"{rounds} alternating rounds, median per call")
+    for b, d, l, n, g in network_shapes():  # noqa: E741
+        t = make_inputs(b, d, l, n)
+        t["B"], t["C"] = (torch.randn(b, g, n, l).requires_grad_() for _ in range(2))
+        del t["z"]
+        gout = torch.randn(b, d, l)
+        fn = lambda **kw: _selective_scan_torch(**kw, z=None, last=False)  # noqa: E731
+        times: dict[str, list[tuple[float, float]]] = {"now": [], "before": []}
+        outs = {}
+        for r in range(rounds + 1):
+            for name in (("now", "before") if old else ("now",)):
+                with override_function(old) if name == "before" else contextlib.nullcontext():
+                    wall, cpu, out, grads = fwd_bwd(fn, t, gout)
+                outs[name] = (out, grads)
+                if r:
+                    times[name].append((wall, cpu))
+        row = f"  (b, d, l, n) = ({b}, {d}, {l}, {n}), G {g}: now {_med(times['now'])}"
+        if old:
+            err = max(((a - r).norm() / r.norm()).item() for a, r in
+                      zip([outs["now"][0], *outs["now"][1]], [outs["before"][0], *outs["before"][1]]))
+            ratio = statistics.median(w for w, _ in times["before"]) / statistics.median(w for w, _ in times["now"])
+            row += f"; {before} {_med(times['before'])}; {ratio:.1f}x faster; max rel. diff {err:.1e}"
+        print(row)
+    print(f"  load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+
+
+def _med(runs: list[tuple[float, float]]) -> str:
+    return (f"{statistics.median(w for w, _ in runs) * 1e3:.1f} ms "
+            f"(CPU {statistics.median(c for _, c in runs) * 1e3:.1f} ms)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reference at L=128, extrapolated")
     parser.add_argument("--ref-length", type=int, default=None,
                         help="time the reference at this L and extrapolate linearly to 1024")
     parser.add_argument("--repeats", type=int, default=3, help="best of N for ours")
+    parser.add_argument("--network", action="store_true", help="only time the network's own scan calls")
+    parser.add_argument("--before", help="git ref whose scan the --network table also times")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of --network")
     args = parser.parse_args()
+    if args.network:
+        network_table(args.before, args.rounds)
+        return 0
     ref_len = args.ref_length or (128 if args.quick else 1024)
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)

@@ -30,6 +30,9 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+# glibc's mallopt parameters (malloc.h) and the largest mmap threshold it accepts on 64-bit.
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch so a fixed seed gives the same run."""
     random.seed(seed)

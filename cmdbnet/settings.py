@@ -134,13 +134,15 @@ class PredictSettings(_Section):
     tile: int = Field(512, ge=32, le=8192, description="window size; a multiple of 32 (the network's stride)")
     overlap: float = Field(0.25, ge=0.0, le=0.75, description="window overlap fraction, blended smoothly")
     tta: Literal["none", "flip", "d4"] = Field("none", description="flip: 3 views; d4: 8 rotations/reflections")
-    batch: int = Field(8, ge=1, description="windows per forward pass")
+    batch: int = Field(4, ge=1, description="windows per forward pass (4 ran faster per window than 8 on CPU)")
     format: Literal["index", "color", "both"] = Field("index", description="palette index mask, RGBA, or both")
     probs: bool = Field(False, description="also write per-class probabilities (float16)")
     boundary: bool = Field(False, description="also write the boundary probability (uint8, value/255)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(False, description="mixed precision: fp16 on CUDA, bf16 on CPU")
     cog: bool = Field(False, description="write Cloud-Optimised GeoTIFFs (overviews, for web maps and QGIS)")
+    compile: bool = Field(False, description="torch.compile the network when the rasters have enough windows "
+                                             "to win back the compile time")
 
     @field_validator("tile")
     @classmethod

@@ -1,10 +1,15 @@
-"""The autocast policy: what runs when a precision is asked for, and why when it differs."""
+"""Runtime policies: autocast (what runs when a precision is asked for, and why when it differs) and
+the process allocator setting."""
 
 from __future__ import annotations
 
+import platform
+
+import pytest
 import torch
 
 from cmdbnet.runtime import inference_precision, resolve_precision
+from cmdbnet.utils import reuse_freed_memory
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -42,3 +47,12 @@ def test_inference_precision_is_fp16_on_cuda_and_bf16_on_cpu():
     assert inference_precision(True, CUDA).dtype == torch.float16
     assert inference_precision(True, CPU).dtype == torch.bfloat16
     assert not inference_precision(False, CPU).enabled
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_reuse_freed_memory_takes_on_glibc_and_tensors_still_work():
+    assert reuse_freed_memory() is True
+    a = torch.ones(8 << 20)  # 32 MiB: at the mmap threshold
+    b = torch.ones(1 << 20)
+    del a
+    assert float(torch.ones(8 << 20).sum() + b.sum()) == (8 << 20) + (1 << 20)

@@ -12,6 +12,8 @@ import sys
 import click
 import typer
 
+from cmdbnet.utils import reuse_freed_memory
+
 app = typer.Typer(
     name="cmdb",
     help="cmdbnet: CNN + Mamba semantic segmentation of aerial imagery on a 6 GB GPU.",
@@ -53,6 +55,7 @@ _USAGE_ERRORS = _usage_errors()
 
 def main() -> None:
     """Console-script entry point: a flag or value click rejects is one line too, like any bad input."""
+    reuse_freed_memory()
     try:
         code = app(prog_name="cmdb", standalone_mode=False)
     except _USAGE_ERRORS as exc:

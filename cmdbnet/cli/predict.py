@@ -21,7 +21,9 @@ def summary_line(s: dict) -> str:
         return f"{Path(s['input']).name}: complete from an earlier run, skipped -> {outs}"
     return (f"{Path(s['input']).name}: {s['width']}x{s['height']} px, {s['bands']} bands, "
             f"{s['windows']} windows in {s['seconds']:.1f} s ({s['mpx_per_s']:.2f} Mpx/s, "
-            f"strip buffer {format_bytes(s['accumulator_bytes'])}) -> {outs}")
+            f"strip buffer {format_bytes(s['accumulator_bytes'])}) -> {outs}"
+            + (f"; compiled in {s['compile_seconds']:.1f} s" if "compile_seconds" in s else
+               f"; compile {s['compile']}" if s.get("compile", "off") != "off" else ""))
 
 
 def predict_command(
@@ -36,7 +38,7 @@ def predict_command(
     overlap: Optional[float] = typer.Option(None, "--overlap", help="Window overlap fraction, 0..0.75 (default 0.25)."),
     tta: Optional[str] = typer.Option(None, "--tta",
                                       help="Test-time augmentation: none, flip (3 views) or d4 (8) (default none)."),
-    batch: Optional[int] = typer.Option(None, "--batch", "-b", help="Windows per forward pass (default 8)."),
+    batch: Optional[int] = typer.Option(None, "--batch", "-b", help="Windows per forward pass (default 4)."),
     fmt: Optional[str] = typer.Option(None, "--format",
                                       help="index (palette mask), color (RGBA) or both (default index)."),
     probs: Optional[bool] = typer.Option(None, "--probs/--no-probs",
@@ -54,6 +56,8 @@ def predict_command(
                                                  help="Comma-separated classes to polygonise (default all)."),
     keep_going: bool = typer.Option(False, "--keep-going",
                                     help="Skip unreadable inputs; report them and exit 2 at the end."),
+    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                            help="torch.compile the network (only on enough windows to pay back)."),
     config: Optional[Path] = ConfigOption,
     as_json: bool = JsonFlag,
 ) -> None:
@@ -83,7 +87,8 @@ def predict_command(
 
     settings = settings_from(config, predict={
         "tile": tile, "overlap": overlap, "tta": tta, "batch": batch, "format": fmt,
-        "probs": probs, "boundary": boundary, "device": device, "amp": amp, "cog": cog})
+        "probs": probs, "boundary": boundary, "device": device, "amp": amp, "cog": cog,
+        "compile": compile_})
     classes = [c.strip() for c in vector_classes.split(",") if c.strip()] if vector_classes else None
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 reports for all
     with warnings.catch_warnings(record=True) as notes:

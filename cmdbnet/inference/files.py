@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from cmdbnet.checkpoint import load_model, resolve_checkpoint
 from cmdbnet.errors import CmdbError
+from cmdbnet.inference.compiled import compile_predictor
 from cmdbnet.inference.gis import (
     check_vector,
     merge_polygon_parts,
@@ -262,6 +263,8 @@ class _Run:
         summaries, error, failed = [], None, {}
         total = sum(self.predictor.count_windows(self.survey[u.file][0].height, self.survey[u.file][0].width,
                                                  u.rows) for u in mine)
+        # each rank compiles its own copy, so its own share of windows must pay the compile back
+        self.compiled = compile_predictor(self.predictor, total, self.meta.band_count, self.s.compile)
         with Progress(self.progress, total) as bar:
             for u in mine:
                 info, plan = self.survey[u.file][0], self.plans[u.file]
@@ -304,7 +307,7 @@ class _Run:
             s = finish_summary({k: v for k, v in s.items() if k not in ("file", "part", "parts")},
                                self.meta.classes)
             s.update(device=str(self.device), tile=self.s.tile, overlap=self.s.overlap, tta=self.s.tta,
-                     batch=self.s.batch, amp=self.s.amp, checkpoint=str(self.ckpt_path))
+                     batch=self.s.batch, amp=self.s.amp, checkpoint=str(self.ckpt_path), **self.compiled)
             out.append(s)
         return out
 

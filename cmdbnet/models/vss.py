@@ -8,8 +8,8 @@ global context the CNN branch lacks. The four directions go through the scan as 
 
 Defaults: d_state 1 and no z gate as VMamba v2, which found them more accurate than v0's
 d_state 16 / expand 2 / silu(z) gate; expand 0.5 as CM-UNet, because on CPU our torch scan is
-a sequential loop over 4096 tokens at stage 1, a fifth to a third of a training step
-(benchmarks/model.py --scan-share), and its cost grows with the scanned width; an MLP ratio of 2.5 after the scan puts back the
+a recurrence over 4096 tokens at stage 1 whose cost grows with the scanned width (its share
+of a step: benchmarks/model.py --breakdown); an MLP ratio of 2.5 after the scan puts back the
 parameters the narrower scan gives up. ``ssm_gate=True``, ``d_state=16``, ``ssm_expand=2``
 restore the v0 block.
 
@@ -42,12 +42,17 @@ class DropPath(nn.Module):
         if not self.training or self.p == 0.0:
             return x
         keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
-        return x * keep / (1.0 - self.p)
+        return x * keep.div_(1.0 - self.p)  # scale the (B, 1, 1, 1) mask, not the activations
 
 
 class SelectiveScan(nn.Module):
-    """The scan as a module: complexity counting hooks it (FLOP counters cannot see inside)."""
+    """The scan as a module: complexity counting hooks it (FLOP counters cannot see inside).
 
+    Opaque to torch.compile: tracing the torch backend would unroll its time loop and its
+    worker threads into the graph (minutes of compile for nothing); the rest compiles around it.
+    """
+
+    @torch.compiler.disable
     def forward(self, u, delta, A, B, C, D, delta_bias):  # noqa: N803
         return selective_scan(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=True)
 

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from cmdbnet.checkpoint import save_checkpoint
 from cmdbnet.cli import app
 from cmdbnet.data.registry import ISPRS_CLASSES, ISPRS_PALETTE
+from cmdbnet.inference import compiled
 from cmdbnet.inference.files import load_predictor_model, predict
 from cmdbnet.inference.window import StripPredictor, axis_grid, forward_tta, predict_array
 from cmdbnet.settings import IMAGENET_MEAN, IMAGENET_STD, ModelSettings, PredictSettings, Settings
@@ -147,6 +148,21 @@ def test_checkpoint_probe_and_tta_shapes(ckpt):
     assert p.shape == p8.shape == (2, 6, 32, 32) and b8.shape == (2, 1, 32, 32)
     assert torch.allclose(p8.sum(1), torch.ones(2, 32, 32), atol=1e-4)
     assert 0 <= float(b8.min()) and float(b8.max()) <= 1
+
+
+def test_prediction_runs_in_inference_mode_and_its_outputs_blend_outside_it():
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x):
+            seen.append(torch.is_inference_mode_enabled())
+            return {"seg": x[:, :2] * 2.0, "boundary": x[:, :1]}
+
+    p, b = forward_tta(Spy(), torch.randn(1, 3, 32, 32), "flip")
+    assert seen == [True] * 3 and p.shape == (1, 2, 32, 32) and b.shape == (1, 1, 32, 32)
+    acc = torch.zeros(2, 32, 32)
+    acc.addcmul_(p[0], torch.ones(32, 32))  # what StripPredictor does with them, outside the mode
+    assert torch.allclose(acc.sum(0), torch.ones(32, 32), atol=1e-5)
 
 
 def test_memory_is_bounded_by_the_strip_not_the_raster():
@@ -431,3 +447,17 @@ def test_tta_is_the_mean_of_the_views_probabilities(mode, views):
     assert torch.allclose(p, want_p, atol=1e-6) and torch.allclose(b, want_b, atol=1e-6)
     single, _ = forward_tta(net, x, "none")
     assert not torch.allclose(p, single, atol=1e-3)  # the views really differ for this network
+
+
+def test_compile_only_where_the_windows_pay_it_back(ckpt, small_tif, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(compiled.torch, "compile", lambda m, **kw: calls.append(kw) or m)  # no real compile
+    res = run_cli("predict", small_tif, "-o", tmp_path / "a.tif", "-k", ckpt, "--compile", "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output)[0]
+    assert calls == [] and summary["compile"].startswith("skipped: 1 windows")
+    model, _, meta, _ = load_predictor_model(ckpt, torch.device("cpu"))
+    sp = StripPredictor(model, meta.mean, meta.std, tile=64, batch=2)
+    info = compiled.compile_predictor(sp, windows=9, bands=3, enabled=True, min_windows=9)
+    assert calls == [{"dynamic": False}] and info["compile"] == "on" and info["compile_seconds"] >= 0
+    assert compiled.compile_predictor(sp, 10**6, 3, enabled=False) == {"compile": "off"}

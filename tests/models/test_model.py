@@ -13,7 +13,7 @@ import torchvision
 from cmdbnet.errors import CmdbError, ConfigError
 from cmdbnet.models import CMDBNet, build_model
 from cmdbnet.models.cnn import hub_weights_file
-from cmdbnet.models.vss import SS2D, _cross_merge, _cross_scan
+from cmdbnet.models.vss import SS2D, DropPath, _cross_merge, _cross_scan
 from cmdbnet.settings import ModelSettings, load_settings
 
 VARIANTS = ["full", "cnn_only", "mamba_only", "no_fusion", "no_boundary"]
@@ -109,6 +109,39 @@ def test_every_variant_trains_one_step(variant):
     assert no_grad == []  # every part of the variant is on the loss's path
     changed = sum(not torch.equal(before[k], p) for k, p in net.named_parameters())
     assert changed == len(before)
+
+
+def test_channels_last_inference_on_cpu_is_as_exact_as_nchw(monkeypatch):
+    import copy
+
+    from cmdbnet.models import net as net_module
+
+    model = build(small()).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        ours = model(x)
+        wide = copy.deepcopy(model).double()(x.double())  # the fp64 truth, NCHW
+        monkeypatch.setattr(net_module, "_cpu_layout", lambda t: t)
+        plain = model(x)  # the forward as it was, NCHW
+    assert not ours["seg"].is_contiguous() and plain["seg"].is_contiguous()  # the layout did change
+    for key in ("seg", "boundary"):
+        err = [((o[key].double() - wide[key]).norm() / wide[key].norm()).item() for o in (ours, plain)]
+        assert torch.allclose(ours[key], plain[key], rtol=1e-4, atol=1e-5), key
+        assert err[0] <= 2 * err[1] + 1e-7, key
+    monkeypatch.undo()
+    model.train()
+    assert model(x)["seg"].is_contiguous()  # training keeps NCHW (see _cpu_layout)
+
+
+def test_drop_path_drops_whole_samples_and_rescales_the_rest():
+    dp = DropPath(0.5).train()
+    torch.manual_seed(0)
+    x = torch.randn(64, 4, 4, 8)
+    y = dp(x)
+    kept, dropped = (y != 0).flatten(1).all(1), (y == 0).flatten(1).all(1)
+    assert (kept | dropped).all() and kept.any() and dropped.any()
+    assert torch.allclose(y[kept], 2 * x[kept])
+    assert dp.eval()(x) is x
 
 
 def test_variants_differ_in_the_fusion_module():

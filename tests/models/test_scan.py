@@ -63,6 +63,48 @@ def test_matches_reference(monkeypatch, form, has_D, has_z, has_bias, softplus):
         assert torch.equal(t.detach(), t0), "the scan must not write into its inputs"
 
 
+@pytest.mark.parametrize("k", [1, 2, 15, 16, 17, 24, 63, 64, 65, 300])
+def test_two_level_scans_match_the_sequential_recurrence(k):
+    g = torch.Generator().manual_seed(k)
+    a = torch.rand(k, 3, 2, dtype=torch.float64, generator=g)
+    a[k // 2] = 0.0  # a decay that underflowed: the products must stay finite
+    x, h0 = torch.randn(k, 3, 2, dtype=torch.float64, generator=g), torch.randn(3, 2, dtype=torch.float64, generator=g)
+    fwd, rev = x.clone(), x.clone()
+    chunked._scan_forward(fwd, a, h0, torch.empty_like(x))
+    chunked._scan_reverse(rev, a, torch.empty_like(x))
+    want_f, want_r, h = x.clone(), x.clone(), h0
+    for t in range(k):
+        want_f[t] += a[t] * h
+        h = want_f[t]
+    for t in range(k - 2, -1, -1):
+        want_r[t] += a[t + 1] * want_r[t + 1]
+    assert chunked._sub_length(k, 6) < k or k < 16  # two levels, as at the network's d_state 1
+    assert torch.allclose(fwd, want_f, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(rev, want_r, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_backward_products_match_matmul(n):
+    g = torch.Generator().manual_seed(n)
+    x, v, b = (torch.randn(*shape, generator=g) for shape in ((5, 2, 4, n, 8), (5, 2, 4, 1, 8), (5, 2, 4, n, 1)))
+    dot, outer = torch.empty(5, 2, 4, n, 1), torch.empty(5, 2, 4, 1, 8)
+    chunked._dot(x, v, dot, torch.empty_like(x))
+    chunked._outer(b, x, outer)
+    assert torch.allclose(dot, x @ v.mT, atol=1e-6) and torch.allclose(outer, b.mT @ x, atol=1e-6)
+
+
+def test_long_chunks_at_small_d_state_match_reference():
+    kw = make_inputs(2, 8, 1500, 1, "g2", D=True, bias=True)  # one 1024-step chunk in two levels, one shorter
+    assert chunked.chunk_plan(2, 8, 1500, 1)[0] == 1024
+    ours = selective_scan(**kw, delta_softplus=True)
+    ref = reference_scan(**kw, delta_softplus=True)
+    assert rel_err(ours, ref) <= 1e-5
+    gout = torch.randn(ours.shape, generator=torch.Generator().manual_seed(3))
+    for name, a, r in zip(kw, torch.autograd.grad(ours, list(kw.values()), gout),
+                          torch.autograd.grad(ref, list(kw.values()), gout.double())):
+        assert rel_err(a, r) <= 1e-5, name
+
+
 def test_last_state_only_gradient_and_mixed_groups():
     kw = make_inputs(2, 6, 11, 3, "3d", D=True, z=True, bias=True)
     kw["C"] = torch.randn(2, 3, 3, 11).requires_grad_()  # B ungrouped, C in 3 groups

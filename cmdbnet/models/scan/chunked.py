@@ -21,9 +21,15 @@ __all__ = ["KEEP_ALL_MAX_N", "ChunkedScan", "chunk_plan", "state_bytes"]
 _CHUNK_ELEMS = 1 << 19
 _BLOCK_ELEMS = 1 << 18
 _MAX_CHUNK = 256
+# With every state kept (d_state <= KEEP_ALL_MAX_N) a chunk's length no longer sets what is
+# saved, and longer chunks make the two-level scan's ops wider: only _CHUNK_ELEMS bounds them.
+_MAX_CHUNK_KEPT = 1024
 # At d_state <= 2 every state costs no more than the inputs: keep them all in forward so
 # backward skips recomputing each chunk (the recompute was 40% of backward at d_state 1).
 KEEP_ALL_MAX_N = 2
+# Floats per time step (B*D*N) below which one op per step costs more in overhead than in
+# arithmetic, so the scan runs in two levels (see _scan_forward).
+_TWO_LEVEL_MAX_STEP = 1 << 13
 
 
 # Inside the Function everything is time-major. Per-step inputs (delta, u, z, B, C, the
@@ -37,23 +43,101 @@ KEEP_ALL_MAX_N = 2
 
 def chunk_plan(b: int, d: int, l: int, n: int) -> tuple[int, int]:  # noqa: E741
     """(T, T2): chunk and block lengths; T2 is a multiple of T so chunks never straddle blocks."""
-    T = max(1, min(l, _MAX_CHUNK, _CHUNK_ELEMS // (b * d * n)))
+    cap = _MAX_CHUNK_KEPT if n <= KEEP_ALL_MAX_N else _MAX_CHUNK
+    T = max(1, min(l, cap, _CHUNK_ELEMS // (b * d * n)))
     return T, min(l, T * max(1, _BLOCK_ELEMS // (T * b * d)))
 
 
-def _chunk_states(dt, du, Bc, At, h0, a, x):
+def _chunk_states(dt, du, Bc, At, h0, a, x, p):
     """Fill ``a`` with exp(delta*A) and ``x`` with the chunk's states, starting from ``h0``.
 
     Sequential over time on purpose: each step is one bandwidth-bound addcmul_ over B*D*N
     contiguous floats, which beats log-depth parallel scans (2-3x the memory traffic) on CPU
     and never overflows the way a cumulative-log-decay closed form does for long chunks.
+    Where a step is too small to pay for an op (d_state 1-2), see :func:`_scan_forward`.
     """
     torch.mul(dt, At, out=a).exp_()
-    xs, as_ = torch.mul(du, Bc, out=x).unbind(0), a.unbind(0)
+    torch.mul(du, Bc, out=x)
+    _scan_forward(x, a, h0, p)
+
+
+def _sub_length(k: int, step: int) -> int:
+    """Sub-chunk length of a two-level scan over ``k`` steps of ``step`` floats (``k``: sequential).
+
+    Two levels cost about 2 sqrt(k) ops instead of k, for twice the memory traffic: they pay
+    only while a step is small enough for the per-op overhead to dominate.
+    """
+    return k if step > _TWO_LEVEL_MAX_STEP or k < 16 else max(2, math.isqrt(k))
+
+
+def _scan_forward(x, a, h0, p):
+    """x_t += a_t x_{t-1} along dim 0 in place, x_{-1} = h0 (or 0); ``p`` is scratch like ``x``.
+
+    Two levels: scan m sub-chunks of c steps side by side (each op covers m steps), carry the
+    sub-chunk ends across with the sub-chunks' decay products (cumprod of decays, in [0, 1]),
+    then add each sub-chunk's incoming state times the decay products to its steps.
+    """
+    k, c = x.shape[0], _sub_length(x.shape[0], x[0].numel())
+    m = k // c
     if h0 is not None:
-        xs[0].addcmul_(as_[0], h0)
-    for t in range(1, len(xs)):
-        xs[t].addcmul_(as_[t], xs[t - 1])
+        x[0].addcmul_(a[0], h0)
+    if m > 1:
+        X, A = x[:m * c].view(m, c, *x.shape[1:]), a[:m * c].view(m, c, *x.shape[1:])
+        xs, as_ = X.unbind(1), A.unbind(1)  # views made once: a Python-level index costs an op too
+        for t in range(1, c):
+            xs[t].addcmul_(as_[t], xs[t - 1])
+        P = torch.cumprod(A, dim=1, out=p[:m * c].view(A.shape))
+        ends, decays = X[:, -1].unbind(0), P[:, -1].unbind(0)
+        for j in range(1, m):
+            ends[j].addcmul_(decays[j], ends[j - 1])
+        X[1:, :-1].addcmul_(P[1:, :-1], X[:-1, -1:])
+    for t in range(m * c if m > 1 else 1, k):
+        x[t].addcmul_(a[t], x[t - 1])
+
+
+def _scan_reverse(g, a, q):
+    """g_t += a_{t+1} g_{t+1} along dim 0 in place (the adjoint of :func:`_scan_forward`).
+
+    Two levels as there, with the sub-chunks aligned to the end and the short remainder at
+    the start; ``q`` (scratch like ``g``) holds each step's decay product to its sub-chunk end.
+    """
+    k, c = g.shape[0], _sub_length(g.shape[0], g[0].numel())
+    m = k // c
+    r = k - m * c
+    if m > 1:
+        G, A, Q = (t[r:].view(m, c, *g.shape[1:]) for t in (g, a, q))
+        gs, as_, qs = G.unbind(1), A.unbind(1), Q.unbind(1)
+        qs[-1].fill_(1.0)
+        for t in range(c - 2, -1, -1):
+            gs[t].addcmul_(as_[t + 1], gs[t + 1])
+            torch.mul(qs[t + 1], as_[t + 1], out=qs[t])
+        R = Q[:-1, 0].mul_(A[1:, 0]).unbind(0)  # decay from a sub-chunk's first step to the next one's
+        firsts = G[:, 0].unbind(0)
+        for j in range(m - 2, -1, -1):
+            firsts[j].addcmul_(R[j], firsts[j + 1])
+        G[:-1, 1:].addcmul_(Q[:-1, 1:], torch.mul(A[1:, 0], G[1:, 0]).unsqueeze(1))
+    for t in range(r - 1 if m > 1 else k - 2, -1, -1):
+        g[t].addcmul_(a[t + 1], g[t + 1])
+
+
+def _dot(x, v, out, tmp):
+    """out = x @ v.mT, x (..., N, D/G), v (..., 1, D/G): at N = 1 a multiply and a sum, which on
+    CPU beat a batched matmul of thousands of 1 x D/G by D/G x 1 products."""
+    if x.shape[-2] != 1:
+        return torch.matmul(x, v.mT, out=out)
+    return torch.sum(torch.mul(x, v, out=tmp), dim=-1, keepdim=True, out=out)
+
+
+def _sum_n(x, v, out, tmp):
+    """out = (x * v).sum over N (dim -2), written straight into ``out`` at N = 1."""
+    if x.shape[-2] == 1:
+        return torch.mul(x, v, out=out)
+    return torch.sum(torch.mul(x, v, out=tmp), dim=-2, keepdim=True, out=out)
+
+
+def _outer(b, g, out):
+    """out = b.mT @ g, b (..., N, 1), g (..., N, D/G): at N = 1 exactly a broadcast multiply."""
+    return torch.matmul(b.mT, g, out=out) if b.shape[-2] != 1 else torch.mul(g, b, out=out)
 
 
 class _Part:
@@ -98,14 +182,14 @@ class _Part:
             _, dt, uc, du, Bc, Cc = self.inputs(s0, s1)
             y = ws("y", *uc.shape)
             for c, k, r in chunks:
-                a, x = ws("a", k, *self.state), ws("x", k, *self.state)
-                _chunk_states(dt[r], du[r], Bc[r], self.At, states[c] if c else None, a, x)
+                a, x, p = (ws(name, k, *self.state) for name in ("a", "x", "p"))
+                _chunk_states(dt[r], du[r], Bc[r], self.At, states[c] if c else None, a, x, p)
                 states[c + 1].copy_(x[-1])
                 if full is not None:
                     full[s0 + r.start:s0 + r.stop].copy_(x)
                 # Not a matmul as in backward: FlopCounterMode would count it, and profiling.complexity
                 # counts the scan by scan_macs instead, whether or not a worker thread runs it.
-                torch.sum(torch.mul(x, Cc[r], out=a), dim=-2, keepdim=True, out=y[r])
+                _sum_n(x, Cc[r], y[r], a)
             if self.Dv is not None:
                 y.addcmul_(uc, self.Dv)
             if self.z is not None:
@@ -138,24 +222,23 @@ class _Part:
                 a, x, gx, w = (ws(name, k, *self.state) for name in ("a", "x", "gx", "w"))
                 h0 = states[c] if c else None
                 if full is None:
-                    _chunk_states(dt[r], du[r], Bc[r], At, h0, a, x)
+                    _chunk_states(dt[r], du[r], Bc[r], At, h0, a, x, w)
                 else:  # states kept by forward: only the decays are recomputed
                     torch.mul(dt[r], At, out=a).exp_()
                     x = full[s0 + r.start:s0 + r.stop]
                 if yb is not None:
                     torch.matmul(Cc[r].mT, x, out=yb[r])
-                if gCb is not None:
-                    torch.matmul(x, gy[r].mT, out=gCb[r])  # the sum over D/G, as (N, D/G) @ (D/G, 1)
+                if gCb is not None:  # the sum over D/G, as (N, D/G) @ (D/G, 1)
+                    _dot(x, gy[r], gCb[r], w)
                 # Reverse-time scan of dL/dx_t: gx_t = gy_t C_t + exp(delta_{t+1} A) gx_{t+1}.
-                gxs, as_ = torch.mul(gy[r], Cc[r], out=gx).unbind(0), a.unbind(0)
+                torch.mul(gy[r], Cc[r], out=gx)
                 if carry is not None:
-                    gxs[-1].add_(carry)
-                for t in range(k - 2, -1, -1):
-                    gxs[t].addcmul_(as_[t + 1], gxs[t + 1])
+                    gx[-1].add_(carry)
+                _scan_reverse(gx, a, w)
                 if gBb is not None:
-                    torch.matmul(gx, du[r].mT, out=gBb[r])
+                    _dot(gx, du[r], gBb[r], w)
                 if gdu is not None:
-                    torch.matmul(Bc[r].mT, gx, out=gdu[r])
+                    _outer(Bc[r], gx, gdu[r])
                 a.mul_(gx)  # a_t = dL/dx_{t-1} via the decay; a_0 is what the previous chunk gets
                 carry = ws("carry", *self.state).copy_(a[0]) if c else None
                 if need_delta or need[2]:  # S_t = dL/d(delta_t A) = a_t * x_{t-1}
@@ -164,7 +247,7 @@ class _Part:
                     if gA_acc is not None:
                         gA_acc[:k].addcmul_(a, dt[r])
                     if gdtA is not None:
-                        torch.sum(torch.mul(a, At, out=w), dim=-2, keepdim=True, out=gdtA[r])
+                        _sum_n(a, At, gdtA[r], w)
             tmp = ws("tmp", *uc.shape)
             if gz is not None:
                 store(ws, gz, s0, s1, gz_b.mul_(yb if Dv is None else yb.addcmul_(uc, Dv)))
