@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -116,3 +117,12 @@ def reuse_freed_memory() -> bool:
     except (OSError, AttributeError, TypeError):
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def file_sha256(path: Path, chunk: int = 2**20) -> str:
+    """Hex sha256 of a file, read in chunks (checkpoints and weights are hundreds of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from cmdbnet.errors import CmdbError
-from cmdbnet.utils import atomic_path
+from cmdbnet.utils import atomic_path, file_sha256
 
 BASE_URL = "https://download.pytorch.org/models/"
 URL_ENV = "CMDB_WEIGHTS_URL"
@@ -69,14 +69,6 @@ def hash_prefix(filename: str) -> str | None:
     """The sha256 prefix in a torchvision weights file name (``resnet34-b627a593.pth``)."""
     m = re.search(r"-([0-9a-f]{8,64})\.", filename)
     return m.group(1) if m else None
-
-
-def sha256(path: Path, chunk: int = 2**20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _reason(exc: BaseException) -> str:
@@ -138,7 +130,7 @@ def list_cached() -> list[CachedWeights]:
     files.sort(key=lambda p: (p.name not in known, p.name))
     out = []
     for p in files:
-        digest, want = sha256(p), hash_prefix(p.name)
+        digest, want = file_sha256(p), hash_prefix(p.name)
         out.append(CachedWeights(known.get(p.name, p.stem), p, p.stat().st_size, digest,
                                  bool(want) and digest.startswith(want)))
     return out

@@ -26,6 +26,7 @@ def summary_line(s: dict) -> str:
                f"; compile {s['compile']}" if s.get("compile", "off") != "off" else ""))
 
 
+# Long only by its signature: typer declares one parameter per flag.
 def predict_command(
     inputs: list[str] = typer.Argument(..., metavar="INPUT...",
                                        help="Raster files, folders or glob patterns (GeoTIFF, PNG, JPEG, ...)."),

@@ -18,6 +18,7 @@ def _warn_line(message, category, filename, lineno, file=None, line=None) -> Non
 
 
 @cli_errors
+# Long only by its signature: typer declares one parameter per flag.
 def prepare_command(
     dataset: Optional[str] = typer.Argument(None, help="potsdam, vaihingen or loveda (default: data.dataset)."),
     root: Optional[Path] = typer.Option(None, "--root", "-r", help="Raw dataset folder (download or pre-split)."),

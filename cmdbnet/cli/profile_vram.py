@@ -54,6 +54,7 @@ def fits_table(fits, budget: int, reserve: int, show_all: bool) -> tuple[Table, 
     return table, len(fits) - shown
 
 
+# Long only by its signature: typer declares one parameter per flag.
 def profile_vram_command(
     config: Optional[Path] = ConfigOption,
     batch: Optional[int] = typer.Option(None, "--batch", "-b", help="Micro-batch per device (default 4)."),

@@ -13,6 +13,7 @@ from cmdbnet.cli.tables import fmt, metrics_table
 from cmdbnet.settings import VARIANTS
 
 
+# Long only by its signature: typer declares one parameter per flag.
 def train_command(
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Prepared folder (from cmdb prepare)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder for checkpoints, TensorBoard, settings."),

@@ -51,7 +51,6 @@ from cmdbnet.inference.rasters import OUTPUT_EXTS, ModelMeta, check_input, expan
 from cmdbnet.inference.resume import (
     RunLock,
     clean_parts,
-    file_sha256,
     input_fingerprint,
     lock_path,
     output_complete,
@@ -62,7 +61,7 @@ from cmdbnet.inference.window import StripPredictor, emitted_rows, forward_tta, 
 from cmdbnet.inference.writing import Progress, assemble, finish_summary, merge_band_summaries, predict_file
 from cmdbnet.runtime import DistInfo, init_distributed, pick_device
 from cmdbnet.settings import PredictSettings
-from cmdbnet.utils import write_text_atomic
+from cmdbnet.utils import file_sha256, write_text_atomic
 
 __all__ = ["predict", "forward_tta", "predict_array", "pick_device", "load_predictor_model", "PredictNote"]
 

@@ -35,14 +35,6 @@ FINGERPRINT_TAG = "cmdb_fingerprint"
 PIXEL_SETTINGS = ("tile", "overlap", "tta", "amp", "format", "probs", "boundary", "cog")
 
 
-def file_sha256(path: Path, chunk: int = 2**20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def run_fingerprint(ckpt_sha256: str, s: PredictSettings) -> str:
     """Hash of what decides the pixels of every output of a run (per-input parts added later)."""
     dumped = s.model_dump(mode="json")

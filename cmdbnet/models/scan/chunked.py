@@ -196,6 +196,7 @@ class _Part:
                 y.mul_(F.silu(self.load("z", self.z, s0, s1), inplace=True))
             store(ws, out, s0, s1, y)
 
+    # Long on purpose: one reverse-time pass per block, whose buffers are shared step to step.
     def backward(self, gout, glast, states, need, grads, full=None):
         """Fill this slice of ``grads`` {0: u, 1: delta, 3: B, 4: C, 6: z} and return its own
         {2: A, 5: D, 7: delta_bias} gradients, which the caller adds up over the slices."""
