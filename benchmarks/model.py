@@ -19,7 +19,7 @@ and boundary terms, as in training; the U-Net's is cross-entropy on its one outp
 On a machine shared with other jobs, wall times swing by 2x from round to round: the ratio of
 medians is the figure, the ratio of minima and of process CPU time are printed beside it as
 load-robust checks, and the load average before and after says how far to trust them. The
-process keeps freed memory for reuse as ``cmdb`` does (cmdbnet.runtime.reuse_freed_memory).
+process keeps freed memory for reuse as ``cmdb`` does (cmdbnet.utils.reuse_freed_memory).
 """
 
 from __future__ import annotations
