@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from scan_reference import check_against_reference, make_inputs, reference_scan, rel_err
+from scan_reference import BROKEN_KERNEL, check_against_reference, make_inputs, reference_scan, rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cmdbnet.models.scan as scan_pkg
@@ -189,20 +189,10 @@ def test_bad_backend_name_lists_the_choices(monkeypatch):
         selective_scan(**_small())
 
 
-class _Broken:
-    """A kernel that fails to launch, as an old card or a driver without the needed PTX makes it."""
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            raise RuntimeError("PTX .version 8.7 does not support .target sm_50")
-        return launch
-
-
-_broken = _Broken()
 
 
 def test_triton_failure_in_forward_falls_back_once(monkeypatch, pretend_cuda, no_mamba):
-    monkeypatch.setattr(triton_scan, "kernels", lambda interpret: (_broken, _broken))
+    monkeypatch.setattr(triton_scan, "kernels", lambda interpret: (BROKEN_KERNEL, BROKEN_KERNEL))
     kw = _small()
     with pytest.warns(RuntimeWarning, match="sm_50.*torch_parallel") as seen:
         out = selective_scan(**kw)
@@ -216,7 +206,7 @@ def test_triton_failure_in_forward_falls_back_once(monkeypatch, pretend_cuda, no
 
 def test_forced_triton_failure_raises(monkeypatch, pretend_cuda):
     _use(monkeypatch, "triton")
-    monkeypatch.setattr(triton_scan, "kernels", lambda interpret: (_broken, _broken))
+    monkeypatch.setattr(triton_scan, "kernels", lambda interpret: (BROKEN_KERNEL, BROKEN_KERNEL))
     with pytest.raises(RuntimeError, match="sm_50"):
         selective_scan(**_small())
     assert not dispatch._TRITON_FAILURE

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from scan_reference import check_against_reference, make_inputs, reference_scan, rel_err
+from scan_reference import BROKEN_KERNEL, check_against_reference, make_inputs, reference_scan, rel_err
 
 from cmdbnet.models import scan
 from cmdbnet.models.scan import dispatch, selective_scan
@@ -69,16 +69,6 @@ def test_half_inputs_are_computed_in_fp32(dtype):
     assert all(gr.dtype == dtype and torch.isfinite(gr).all() for gr in grads)
 
 
-class _Broken:
-    """A kernel that fails to launch, as an old card or a driver without the needed PTX makes it."""
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            raise RuntimeError("PTX .version 8.7 does not support .target sm_50")
-        return launch
-
-
-_broken = _Broken()
 
 
 def test_backward_failure_falls_back_under_auto(monkeypatch):
@@ -87,7 +77,7 @@ def test_backward_failure_falls_back_under_auto(monkeypatch):
     monkeypatch.setitem(sys.modules, "mamba_ssm", None)
     dispatch._mamba_ssm_import.cache_clear()
     fwd = triton_scan.kernels(True)[0]
-    monkeypatch.setattr(triton_scan, "kernels", lambda interpret: (fwd, _broken))
+    monkeypatch.setattr(triton_scan, "kernels", lambda interpret: (fwd, BROKEN_KERNEL))
     kw = make_inputs(2, 4, 9, 3, "g2", D=True, z=True, bias=True)
     out = selective_scan(**kw, delta_softplus=True)  # forward on the Triton kernel
     with pytest.warns(RuntimeWarning, match="sm_50.*torch_parallel"):
@@ -100,7 +90,7 @@ def test_backward_failure_falls_back_under_auto(monkeypatch):
 
 def test_backward_failure_raises_when_triton_was_asked_for(monkeypatch):
     fwd = triton_scan.kernels(True)[0]
-    monkeypatch.setattr(triton_scan, "kernels", lambda interpret: (fwd, _broken))
+    monkeypatch.setattr(triton_scan, "kernels", lambda interpret: (fwd, BROKEN_KERNEL))
     kw = make_inputs(1, 2, 5, 1, "3d")
     out = selective_scan(**kw)
     with pytest.raises(RuntimeError, match="sm_50"):

@@ -9,16 +9,7 @@ from typer.testing import CliRunner
 
 from cmdbnet.cli import app
 from cmdbnet.profiling.budget import CONTEXT_RESERVE
-from cmdbnet.settings import load_settings
-
-GiB, MiB = 2**30, 2**20
-TINY_MODEL = {"backbone": "resnet18", "pretrained": "off", "mamba_depths": [1, 1, 1, 1],
-              "mamba_dims": [32, 64, 128, 256], "d_state": 4, "fusion_channels": 32}
-
-
-def tiny(**train) -> object:
-    return load_settings(None, {"model": TINY_MODEL, "data": {"crop": 128},
-                                "train": {"batch": 4, "accum": 4, "amp": True, **train}})
+from memory_recipes import TINY_MODEL, GiB, MiB, tiny  # noqa: F401 - tests/memory_recipes.py
 
 
 def test_cli_profile_vram_json_and_table(tmp_path):

@@ -22,15 +22,7 @@ from cmdbnet.profiling.tracing import (
     gpu_kernels,
 )
 from cmdbnet.settings import load_settings
-
-GiB, MiB = 2**30, 2**20
-TINY_MODEL = {"backbone": "resnet18", "pretrained": "off", "mamba_depths": [1, 1, 1, 1],
-              "mamba_dims": [32, 64, 128, 256], "d_state": 4, "fusion_channels": 32}
-
-
-def tiny(**train) -> object:
-    return load_settings(None, {"model": TINY_MODEL, "data": {"crop": 128},
-                                "train": {"batch": 4, "accum": 4, "amp": True, **train}})
+from memory_recipes import TINY_MODEL, GiB, MiB, tiny  # noqa: F401 - tests/memory_recipes.py
 
 
 def _param_keys(model: nn.Module) -> set[int]:
