@@ -95,3 +95,15 @@ class BrokenKernel:
 
 
 BROKEN_KERNEL = BrokenKernel()
+
+
+def check_half_precision(dtype) -> None:
+    """fp16/bf16 inputs: out in their dtype and close to the fp32 reference, last state fp32,
+    every gradient finite and in its input's dtype (the active backend computes in fp32)."""
+    kw = make_inputs(2, 4, 33, 4, "g2", D=True, z=True, bias=True, dtype=dtype)
+    ref = reference_scan(**{k: v.detach().float() for k, v in kw.items()}, delta_softplus=True)
+    out, last = scan.selective_scan(**kw, delta_softplus=True, return_last_state=True)
+    assert out.dtype == dtype and last.dtype == torch.float32
+    assert rel_err(out, ref) <= (2e-3 if dtype == torch.float16 else 1e-2)
+    grads = torch.autograd.grad(out.float().sum(), list(kw.values()))
+    assert all(gr.dtype == dtype and torch.isfinite(gr).all() for gr in grads)

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from scan_reference import BROKEN_KERNEL, check_against_reference, make_inputs, reference_scan, rel_err
+from scan_reference import (
+    BROKEN_KERNEL,
+    check_against_reference,
+    check_half_precision,
+    make_inputs,
+    reference_scan,
+    rel_err,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cmdbnet.models.scan as scan_pkg
@@ -72,15 +79,8 @@ def test_strided_and_mixed_group_b_c(monkeypatch, backend="torch_parallel"):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_are_computed_in_fp32(monkeypatch, dtype, backend="torch_parallel"):
-    kw = make_inputs(2, 4, 33, 4, "g2", D=True, z=True, bias=True, dtype=dtype)
-    wide = {k: v.detach().float() for k, v in kw.items()}
-    ref = reference_scan(**wide, delta_softplus=True)  # of the rounded inputs, so only the output rounds
     _use(monkeypatch, backend)
-    out, last = selective_scan(**kw, delta_softplus=True, return_last_state=True)
-    assert out.dtype == dtype and last.dtype == torch.float32
-    assert rel_err(out, ref) <= (2e-3 if dtype == torch.float16 else 1e-2)
-    grads = torch.autograd.grad(out.float().sum(), list(kw.values()))
-    assert all(gr.dtype == dtype and torch.isfinite(gr).all() for gr in grads)
+    check_half_precision(dtype)
 
 
 def test_linear_scan_long_sequences_and_underflow(monkeypatch):

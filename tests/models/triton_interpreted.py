@@ -10,7 +10,14 @@ import sys
 
 import pytest
 import torch
-from scan_reference import BROKEN_KERNEL, check_against_reference, make_inputs, reference_scan, rel_err
+from scan_reference import (
+    BROKEN_KERNEL,
+    check_against_reference,
+    check_half_precision,
+    make_inputs,
+    reference_scan,
+    rel_err,
+)
 
 from cmdbnet.models import scan
 from cmdbnet.models.scan import dispatch, selective_scan
@@ -60,13 +67,7 @@ def test_strided_and_mixed_group_b_c():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_are_computed_in_fp32(dtype):
-    kw = make_inputs(2, 4, 33, 4, "g2", D=True, z=True, bias=True, dtype=dtype)
-    ref = reference_scan(**{k: v.detach().float() for k, v in kw.items()}, delta_softplus=True)
-    out, last = selective_scan(**kw, delta_softplus=True, return_last_state=True)
-    assert out.dtype == dtype and last.dtype == torch.float32
-    assert rel_err(out, ref) <= (2e-3 if dtype == torch.float16 else 1e-2)
-    grads = torch.autograd.grad(out.float().sum(), list(kw.values()))
-    assert all(gr.dtype == dtype and torch.isfinite(gr).all() for gr in grads)
+    check_half_precision(dtype)
 
 
 
