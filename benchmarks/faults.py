@@ -150,15 +150,24 @@ def judge(o: Outcome, code: int, err: str, sig: int) -> None:
         o.clean = code in (0, -signal.SIGKILL) and not o.traceback
 
 
+def interrupt_then_rerun(o: Outcome, first: list[str], again, target: Path, sig: int, delay: float,
+                         after_kill=None) -> int:
+    """Interrupt ``first`` after ``delay`` s, judge what it left in ``target``, run ``again()``; its exit code."""
+    code, err, o.orphans = interrupted_run(first, sig, delay)
+    judge(o, code, err, sig)
+    o.partial = unreadable(target) if target.exists() else []
+    if after_kill is not None:
+        after_kill()
+    code, err = rerun(again())
+    o.traceback |= "Traceback" in err
+    o.clean &= code == 0
+    return code
+
+
 def case_prepare(work: Path, i: int, sig: int, delay: float, ref: Path, cmd) -> Outcome:
     o = Outcome("prepare", sig.name, delay)
     out = work / f"prep{i}"
-    code, err, o.orphans = interrupted_run(cmd(out), sig, delay)
-    judge(o, code, err, sig)
-    o.partial = unreadable(out) if out.exists() else []
-    code, err = rerun(cmd(out))
-    o.traceback |= "Traceback" in err
-    o.clean &= code == 0
+    code = interrupt_then_rerun(o, cmd(out), lambda: cmd(out), out, sig, delay)
     o.identical = (code == 0 and tree_bytes(out) == tree_bytes(ref)
                    and (out / "manifest.json").read_text() == (ref / "manifest.json").read_text()
                    and not list(out.rglob(".*.part*")))
@@ -168,14 +177,8 @@ def case_prepare(work: Path, i: int, sig: int, delay: float, ref: Path, cmd) -> 
 def case_train(work: Path, i: int, sig: int, delay: float, ref: Path, cmd) -> Outcome:
     o = Outcome("train", sig.name, delay)
     run = work / f"run{i}"
-    code, err, o.orphans = interrupted_run(cmd(run), sig, delay)
-    judge(o, code, err, sig)
-    o.partial = unreadable(run) if run.exists() else []
-    checkpoints_finite(run, o)
-    again = cmd(run) + (["--resume", str(run)] if (run / "last.pt").is_file() else [])
-    code, err = rerun(again)
-    o.traceback |= "Traceback" in err
-    o.clean &= code == 0
+    again = lambda: cmd(run) + (["--resume", str(run)] if (run / "last.pt").is_file() else [])  # noqa: E731
+    code = interrupt_then_rerun(o, cmd(run), again, run, sig, delay, lambda: checkpoints_finite(run, o))
     checkpoints_finite(run, o)
     if code == 0:
         a = torch.load(ref / "last.pt", weights_only=True)["model"]
@@ -188,12 +191,7 @@ def case_train(work: Path, i: int, sig: int, delay: float, ref: Path, cmd) -> Ou
 def case_predict(work: Path, i: int, sig: int, delay: float, ref: Path, cmd) -> Outcome:
     o = Outcome("predict", sig.name, delay)
     out = work / f"pred{i}"
-    code, err, o.orphans = interrupted_run(cmd(out), sig, delay)
-    judge(o, code, err, sig)
-    o.partial = unreadable(out) if out.exists() else []
-    code, err = rerun(cmd(out))
-    o.traceback |= "Traceback" in err
-    o.clean &= code == 0
+    code = interrupt_then_rerun(o, cmd(out), lambda: cmd(out), out, sig, delay)
     o.identical = code == 0 and tree_bytes(out) == tree_bytes(ref) and not list(out.rglob(".*.part*"))
     return o
 
