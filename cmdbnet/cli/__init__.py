@@ -7,6 +7,7 @@ function of the package. Only commands that work are listed.
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 import click
@@ -65,4 +66,7 @@ def main() -> None:
     except (click.Abort, typer.Abort):
         typer.echo("cmdb: interrupted", err=True)
         sys.exit(130)
+    # The command has finished: a Ctrl-C during interpreter teardown (torch's takes a while)
+    # must not turn a completed run into a signal death with no message.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(code if isinstance(code, int) else 0)
