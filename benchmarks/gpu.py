@@ -79,7 +79,8 @@ def device_line(dev: torch.device) -> str:
 
 def backends_for(dev: torch.device) -> list[str]:
     """Every backend that can take tensors on ``dev`` here (triton on CPU: interpreted)."""
-    names = [b for b in scan.available_backends() if b != "mamba_ssm" or dev.type == "cuda"]
+    names = [b for b in scan.available_backends()
+             if (b != "mamba_ssm" or dev.type == "cuda") and (b != "native" or dev.type == "cpu")]
     if dev.type == "cpu":
         names = [b for b in names if b != "triton" or os.environ.get("TRITON_INTERPRET") == "1"]
     return names

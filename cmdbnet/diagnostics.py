@@ -68,4 +68,6 @@ def environment_report() -> dict:
         "scan_backend_env": os.environ.get(scan.BACKEND_ENV, "auto") or "auto",
         "scan_backend": {"cpu": _backend("cpu"), "cuda": _backend("cuda")},
         "optional": optional,
+        "native_scan": {"ok": not status["native"], "library": scan.native_library_path(),
+                        "reason": status["native"] or None},
     }

@@ -33,7 +33,7 @@ def test_gpu_check_smoke(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert {r.split("|")[1].strip() for r in rows[1:]} >= {"a", "b", "c", "d", "e", "f"}
     errors = {m[0]: float(m[1]) for m in re.findall(r"\| a \| `(\w+)` vs CPU chunked scan.*?\| ([0-9.e+-]+) \|", text)}
-    assert set(errors) == {"torch", "torch_parallel", "triton"}  # triton through its interpreter
+    assert set(errors) == {"native", "torch", "torch_parallel", "triton"}  # triton through its interpreter
     assert all(e <= 1e-4 for e in errors.values()), errors
 
 

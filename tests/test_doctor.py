@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,7 +40,8 @@ def test_json_reports_versions_devices_and_backends(monkeypatch):
     assert report["torch"] == torch.__version__ and report["cuda"] == torch.version.cuda
     assert report["devices"][0]["device"] == "cpu"
     assert len(report["devices"]) == 1 + (torch.cuda.device_count() if torch.cuda.is_available() else 0)
-    assert report["scan_backend"] == {"cpu": "torch", "cuda": "triton"}
+    assert report["scan_backend"] == {"cpu": "native", "cuda": "triton"}
+    assert report["native_scan"]["ok"] and Path(report["native_scan"]["library"]).is_file()
     assert report["optional"]["triton"]["ok"] and report["optional"]["triton"]["version"]
     mamba = report["optional"]["mamba_ssm"]
     assert not mamba["ok"] and mamba["reason"].startswith(("ModuleNotFoundError", "ImportError"))
@@ -66,6 +68,6 @@ def test_forced_backend_and_a_bad_one(monkeypatch):
 
 
 def test_training_start_line_names_the_backend(monkeypatch):
-    assert scan_note(torch.device("cpu")) == "selective scan on cpu: torch"
+    assert scan_note(torch.device("cpu")) == "selective scan on cpu: native"
     monkeypatch.setenv(scan.BACKEND_ENV, "torch_parallel")
     assert scan_note(torch.device("cpu")) == "selective scan on cpu: torch_parallel"

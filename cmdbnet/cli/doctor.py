@@ -7,7 +7,8 @@ import typer
 from cmdbnet.cli.common import JsonFlag, cli_errors, console, print_json
 
 _WHY = {
-    "torch": "chunked torch scan (CPU)",
+    "native": "cmdbnet's C scan (CPU, compiled at first use)",
+    "torch": "chunked torch scan (CPU without a C compiler, fp64)",
     "torch_parallel": "log-depth torch scan (few kernel launches)",
     "triton": "cmdbnet's Triton kernels (compiled at first use)",
     "mamba_ssm": "mamba-ssm's fused CUDA kernel",
@@ -19,8 +20,9 @@ def doctor(as_json: bool = JsonFlag) -> None:
     """Devices, torch/CUDA/cuDNN versions, and which selective scan runs on each device.
 
     The scan runs mamba-ssm's kernel on CUDA tensors when it imports, else cmdbnet's Triton
-    kernels, else a launch-light torch scan; CPU tensors run the chunked torch scan.
-    CMDB_SCAN_BACKEND=auto|torch|torch_parallel|triton|mamba_ssm forces one.
+    kernels, else a launch-light torch scan; CPU tensors run cmdbnet's C scan, built at first
+    use with the system's C compiler, else the chunked torch scan.
+    CMDB_SCAN_BACKEND=auto|native|torch|torch_parallel|triton|mamba_ssm forces one.
 
     Examples:
 
@@ -56,6 +58,9 @@ def doctor(as_json: bool = JsonFlag) -> None:
         scans.add_column(col)
     for dev, backend in report["scan_backend"].items():
         scans.add_row(dev, backend.split(":")[0], _WHY.get(backend, backend))
+    native = report["native_scan"]
+    scans.caption = (f"C scan library: {native['library']}" if native["ok"]
+                     else f"C scan unavailable: {native['reason']}")
     console.print(scans)
     libs = Table(title="optional GPU libraries")
     for col in ("library", "version", "imports", "why not"):

@@ -1,4 +1,5 @@
-"""Selective scan: the torch backend against a plain sequential reference, and backend dispatch."""
+"""Selective scan: the CPU backends (C and chunked torch) against a plain sequential reference,
+and backend dispatch."""
 
 from __future__ import annotations
 
@@ -31,8 +32,10 @@ FLAGS = list(itertools.product([False, True], repeat=4))  # D, z, delta_bias, de
 CASES = [(form, *flags) for form in ("3d", "g1", "g2") for flags in FLAGS]
 
 
+@pytest.mark.parametrize("backend", ["native", "torch"])
 @pytest.mark.parametrize(("form", "has_D", "has_z", "has_bias", "softplus"), CASES)
-def test_matches_reference(monkeypatch, form, has_D, has_z, has_bias, softplus):
+def test_matches_reference(monkeypatch, backend, form, has_D, has_z, has_bias, softplus):
+    monkeypatch.setenv(scan.BACKEND_ENV, backend)
     i = CASES.index((form, has_D, has_z, has_bias, softplus))
     b, d, l, n = SHAPES[i % len(SHAPES)]
     if i % 2:  # several blocks of chunks, the last ones short, so every carry is exercised
@@ -93,7 +96,9 @@ def test_backward_products_match_matmul(n):
     assert torch.allclose(dot, x @ v.mT, atol=1e-6) and torch.allclose(outer, b.mT @ x, atol=1e-6)
 
 
-def test_long_chunks_at_small_d_state_match_reference():
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_long_chunks_at_small_d_state_match_reference(monkeypatch, backend):
+    monkeypatch.setenv(scan.BACKEND_ENV, backend)
     kw = make_inputs(2, 8, 1500, 1, "g2", D=True, bias=True)  # one 1024-step chunk in two levels, one shorter
     assert chunked.chunk_plan(2, 8, 1500, 1)[0] == 1024
     ours = selective_scan(**kw, delta_softplus=True)
@@ -105,7 +110,9 @@ def test_long_chunks_at_small_d_state_match_reference():
         assert rel_err(a, r) <= 1e-5, name
 
 
-def test_last_state_only_gradient_and_mixed_groups():
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_last_state_only_gradient_and_mixed_groups(monkeypatch, backend):
+    monkeypatch.setenv(scan.BACKEND_ENV, backend)
     kw = make_inputs(2, 6, 11, 3, "3d", D=True, z=True, bias=True)
     kw["C"] = torch.randn(2, 3, 3, 11).requires_grad_()  # B ungrouped, C in 3 groups
     ours = selective_scan(**kw, delta_softplus=True, return_last_state=True)[1]
@@ -142,7 +149,9 @@ def test_half_inputs_computed_in_fp32(dtype):
     assert all(gr.dtype == dtype for gr in grads)
 
 
-def test_modes_and_threads_of_the_caller_are_respected():
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_modes_and_threads_of_the_caller_are_respected(monkeypatch, backend):
+    monkeypatch.setenv(scan.BACKEND_ENV, backend)
     kw = make_inputs(4, 8, 21, 3, "g2", D=True, z=True, bias=True)
     ref = reference_scan(**kw, delta_softplus=True)
     threads = torch.get_num_threads()
@@ -220,9 +229,9 @@ def test_auto_routes_cuda_tensors_to_mamba_ssm(monkeypatch, fake_mamba):
     assert kwargs["delta_softplus"] is True and kwargs["return_last_state"] is True
 
 
-def test_auto_keeps_cpu_tensors_on_torch(fake_mamba):
+def test_auto_sends_cpu_tensors_to_the_c_scan(fake_mamba):
     kw = _small()
-    assert scan.resolve_backend("cpu") == "torch"
+    assert scan.resolve_backend("cpu") == "native"
     assert rel_err(selective_scan(**kw), reference_scan(**kw)) <= 1e-5 and not fake_mamba
 
 

@@ -144,28 +144,28 @@ def fake_mamba(monkeypatch):
 
 
 def test_cuda_order_prefers_mamba_ssm(pretend_cuda, fake_mamba):
-    assert scan.available_backends() == ("torch", "torch_parallel", "triton", "mamba_ssm")
+    assert scan.available_backends() == ("native", "torch", "torch_parallel", "triton", "mamba_ssm")
     assert scan.resolve_backend("cuda") == "mamba_ssm"
     assert selective_scan(**_small()) == "from-mamba-ssm"
 
 
 def test_cuda_order_then_triton(pretend_cuda, no_mamba):
     assert scan.resolve_backend("cuda") == "triton"
-    assert scan.available_backends() == ("torch", "torch_parallel", "triton")
+    assert scan.available_backends() == ("native", "torch", "torch_parallel", "triton")
     assert scan.backend_status()["mamba_ssm"].startswith("ModuleNotFoundError")
 
 
 def test_cuda_order_then_torch_parallel(pretend_cuda, no_mamba, no_triton):
     assert scan.resolve_backend("cuda") == "torch_parallel"
-    assert scan.available_backends() == ("torch", "torch_parallel")
+    assert scan.available_backends() == ("native", "torch", "torch_parallel")
     assert "triton" in scan.backend_status()["triton"]
     kw = _small()
     assert rel_err(selective_scan(**kw), reference_scan(**kw)) <= 1e-5
 
 
-def test_cpu_tensors_keep_the_chunked_scan(fake_mamba, monkeypatch):
+def test_cpu_tensors_keep_the_cpu_scan(fake_mamba, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert scan.resolve_backend("cpu") == "torch"
+    assert scan.resolve_backend("cpu") == "native"
 
 
 def test_forced_triton_needs_cuda_or_the_interpreter(monkeypatch):
@@ -185,10 +185,8 @@ def test_forced_triton_without_triton_says_why(monkeypatch, no_triton, pretend_c
 
 def test_bad_backend_name_lists_the_choices(monkeypatch):
     monkeypatch.setenv(scan.BACKEND_ENV, "cuda")
-    with pytest.raises(CmdbError, match="auto, torch, torch_parallel, triton, mamba_ssm"):
+    with pytest.raises(CmdbError, match="auto, native, torch, torch_parallel, triton, mamba_ssm"):
         selective_scan(**_small())
-
-
 
 
 def test_triton_failure_in_forward_falls_back_once(monkeypatch, pretend_cuda, no_mamba):

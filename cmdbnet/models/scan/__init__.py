@@ -1,7 +1,8 @@
 """Selective scan (Mamba's S6 recurrence): mamba-ssm's fused CUDA kernel when present, else ours.
 
 ``dispatch`` picks the backend per call; ``chunked`` is the torch scan and its backward (CPU);
-``buffers`` how it runs on a small CPU; ``triton`` our CUDA kernels (compiled at first use);
+``buffers`` how it runs on a small CPU; ``native`` the C scan for CPU (the default there, built
+at first use); ``triton`` our CUDA kernels (compiled at first use);
 ``parallel`` the launch-light log-depth torch scan for CUDA without Triton; ``cost`` its
 multiply-adds.
 
@@ -18,9 +19,9 @@ Shapes and semantics are those of ``mamba_ssm.ops.selective_scan_interface.selec
     out: r(B D L) in u's dtype; last_state: r(B D N) in the compute dtype (fp32, or fp64)
 
 The fused kernel exists only on CUDA and only where mamba-ssm compiled, which a laptop or a CI
-box often lacks; the model must still train there, so the torch backend is a real
-implementation rather than a test oracle: a chunked sequential scan with a hand-written
-reverse-time backward that never holds more than a chunk of per-step states.
+box often lacks; the model must still train there, so the CPU backends are real
+implementations rather than test oracles: a C scan, and a chunked sequential torch scan with a
+hand-written reverse-time backward for machines without a C compiler.
 """
 
 from cmdbnet.models.scan.chunked import KEEP_ALL_MAX_N, chunk_plan, state_bytes
@@ -37,7 +38,8 @@ from cmdbnet.models.scan.dispatch import (
                                           selective_scan,
 )
 from cmdbnet.models.scan.footprint import saved_state_bytes
+from cmdbnet.models.scan.native import library_path as native_library_path
 
 __all__ = ["BACKENDS", "BACKEND_ENV", "KEEP_ALL_MAX_N", "ScanBackendError", "ScanBackendNameError",
-           "available_backends", "backend_status", "chunk_plan", "override_function", "resolve_backend",
+           "available_backends", "backend_status", "chunk_plan", "native_library_path", "override_function", "resolve_backend",
            "saved_state_bytes", "scan_macs", "selective_scan", "state_bytes"]

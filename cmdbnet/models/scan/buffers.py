@@ -67,7 +67,7 @@ def softplus(ws: Scratch, x: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
+def worker_pool(workers: int, pid: int) -> ThreadPoolExecutor:
     """Threads whose ops run single-threaded (OpenMP's thread count is per calling thread).
 
     Keyed by pid: a forked child (a DataLoader worker) inherits this cache but not the threads.
@@ -106,6 +106,6 @@ def run_parts(u: torch.Tensor, fn) -> list:
     if workers < 2:
         return [run(slice(None))]
     bounds = [b * i // workers for i in range(workers + 1)]
-    pool = _pool(workers, os.getpid())
+    pool = worker_pool(workers, os.getpid())
     futures = [pool.submit(run, slice(lo, hi)) for lo, hi in zip(bounds, bounds[1:])]
     return [f.result() for f in futures]

@@ -2,7 +2,8 @@
 
 ``auto`` sends CUDA tensors to mamba-ssm's fused kernel when it imports, else to our Triton
 kernels when Triton imports, else to the launch-light ``torch_parallel`` scan; CPU tensors go
-to the chunked ``torch`` scan. A Triton kernel that fails to compile or launch under ``auto``
+to the ``native`` C scan (compiled at first use), or to the chunked ``torch`` scan where no C
+compiler works (one warning) or the dtype is not fp32 after upcasting (fp64). A Triton kernel that fails to compile or launch under ``auto``
 turns Triton off for the rest of the process, with one warning, and the call runs on
 ``torch_parallel``; asked for explicitly (``CMDB_SCAN_BACKEND=triton``) the failure raises.
 """
@@ -19,6 +20,7 @@ import warnings
 import torch
 
 from cmdbnet.errors import CmdbError
+from cmdbnet.models.scan import native
 from cmdbnet.models.scan.chunked import ChunkedScan
 from cmdbnet.models.scan.parallel import ParallelScan
 
@@ -26,7 +28,7 @@ __all__ = ["BACKENDS", "BACKEND_ENV", "ScanBackendError", "ScanBackendNameError"
            "backend_status", "override_function", "resolve_backend", "selective_scan"]
 
 BACKEND_ENV = "CMDB_SCAN_BACKEND"
-BACKENDS = ("auto", "torch", "torch_parallel", "triton", "mamba_ssm")
+BACKENDS = ("auto", "native", "torch", "torch_parallel", "triton", "mamba_ssm")
 _TRITON_FAILURE: list[str] = []  # why Triton was turned off in this process, once it was
 
 
@@ -79,15 +81,27 @@ def _requested() -> str:
 
 
 def available_backends() -> tuple[str, ...]:
-    """Backends that import here; ``mamba_ssm`` and ``triton`` still need CUDA tensors to be chosen."""
+    """Backends that run here; ``native`` needs CPU tensors, ``mamba_ssm`` and ``triton`` CUDA ones."""
     extra = (name for name, imp in (("triton", _triton_import), ("mamba_ssm", _mamba_ssm_import)) if imp()[0])
-    return ("torch", "torch_parallel", *extra)
+    return (*(("native",) if native.library() else ()), "torch", "torch_parallel", *extra)
 
 
 def backend_status() -> dict[str, str]:
-    """Per optional backend, ``""`` when it imports (and has not failed here) or why it cannot run."""
-    return {"triton": _TRITON_FAILURE[0] if _TRITON_FAILURE else _triton_import()[1],
+    """Per optional backend, ``""`` when it can run (and has not failed here) or why it cannot."""
+    return {"native": native.library_error(),
+            "triton": _TRITON_FAILURE[0] if _TRITON_FAILURE else _triton_import()[1],
             "mamba_ssm": _mamba_ssm_import()[1]}
+
+
+@functools.cache
+def _native_or_torch() -> str:
+    """``native`` when the C scan builds here, else ``torch`` with one warning per process."""
+    if native.library() is not None:
+        return "native"
+    warnings.warn(f"the C selective scan could not be built ({native.library_error()}); using the slower "
+                  f"torch scan. Install a C compiler (or set CC), or set {BACKEND_ENV}=torch to skip it.",
+                  RuntimeWarning, stacklevel=3)
+    return "torch"
 
 
 def resolve_backend(device: torch.device | str) -> str:
@@ -101,7 +115,7 @@ def resolve_backend(device: torch.device | str) -> str:
         return name
     if name == "auto":
         if not _device_is_cuda(device):
-            return "torch"
+            return _native_or_torch() if torch.device(device).type == "cpu" else "torch"
         if _mamba_ssm_import()[0] is not None:
             return "mamba_ssm"
         return "triton" if _triton_import()[0] is not None and not _TRITON_FAILURE else "torch_parallel"
@@ -115,6 +129,13 @@ def resolve_backend(device: torch.device | str) -> str:
                                    f"on CPU, set TRITON_INTERPRET=1 before the process starts); or set "
                                    f"{BACKEND_ENV}=auto")
         return "triton"
+    if name == "native":
+        if native.library() is None:
+            raise ScanBackendError(f"{BACKEND_ENV}=native but the C scan cannot be built here "
+                                   f"({native.library_error()}); install a C compiler or set {BACKEND_ENV}=auto")
+        if torch.device(device).type != "cpu":
+            raise ScanBackendError(f"{BACKEND_ENV}=native needs CPU tensors, got {device}; set {BACKEND_ENV}=auto")
+        return "native"
     fn, why = _mamba_ssm_import()
     if fn is None:
         raise ScanBackendError(f"{BACKEND_ENV}=mamba_ssm but mamba_ssm cannot be imported ({why}); "
@@ -197,6 +218,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,  # noqa: 
             if not _triton_failed(exc):
                 raise
         backend = "torch_parallel"
+    if backend == "native" and torch.promote_types(u.dtype, torch.float32) == torch.float32:
+        return _run(native.NativeScan, *args)
     return _run(ParallelScan if backend == "torch_parallel" else _scan_function(), *args)
 
 

@@ -1,0 +1,169 @@
+"""The selective scan as a small C library (``native.c``), compiled at first use, for CPU fp32.
+
+Why: at d_state 1 a time step is a few flops per channel, so a torch scan issues ops whose
+overhead and memory passes dwarf the arithmetic; the C loops read each channel's sequence once
+per pass and keep only the recurrence sequential. It needs a C compiler (``cc``, or ``$CC``),
+which Linux and macOS machines usually have: the library is built once per source, compiler
+and CPU into the user cache (``$CMDB_CACHE_DIR`` or ``~/.cache/cmdbnet``), written under a
+temporary name and renamed, so concurrent ranks or a killed build never leave a broken file.
+Where no compiler works the dispatcher falls back to the torch scan, once, with a warning.
+
+Nothing is saved for backward beyond the inputs: backward recomputes each sequence's states.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from cmdbnet.models.scan.buffers import worker_pool
+
+__all__ = ["NativeScan", "CACHE_ENV", "library", "library_error", "library_path"]
+
+CACHE_ENV = "CMDB_CACHE_DIR"
+_SOURCE = Path(__file__).with_name("native.c")
+# -march=native: the library is built on the machine that runs it (the cache key holds the
+# CPU's flags). No -ffast-math: it would let the compiler assume no NaN or inf.
+_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared")
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+_FWD_ARGS = [_I] * 7 + [_P] * 8 + [ctypes.c_int] + [_P] * 2
+_BWD_ARGS = [_I] * 7 + [_P] * 8 + [ctypes.c_int] + [_P] * 10
+
+
+def _cpu_signature() -> str:
+    """The CPU's instruction-set flags (a cache shared over NFS must not hand AVX-512 code to an
+    older node)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
+                                                     "cmdbnet")
+    return Path(root) / "kernels"
+
+
+def _compiler() -> str:
+    cc = os.environ.get("CC") or "cc"
+    path = shutil.which(cc)
+    if path is None:
+        raise OSError(f"no C compiler found ({cc!r} is not on PATH; set CC)")
+    return path
+
+
+def _build(cc: str, dst: Path) -> None:
+    """Compile to a temporary name in ``dst``'s folder, then rename onto ``dst``."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".part", dir=dst.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+                              timeout=120)
+        if proc.returncode:
+            raise OSError(f"{Path(cc).name} failed to compile the CPU scan: {proc.stderr.strip()[:300]}")
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    try:
+        cc = _compiler()
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        key = hashlib.sha256("\0".join([_SOURCE.read_text(), *_FLAGS, version, _cpu_signature()]).encode())
+        path = _cache_dir() / f"scan-{key.hexdigest()[:16]}.so"
+        if not path.exists():
+            _build(cc, path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, str(exc)
+    lib.cmdb_scan_fwd.argtypes, lib.cmdb_scan_bwd.argtypes = _FWD_ARGS, _BWD_ARGS
+    lib.cmdb_scan_fwd.restype = lib.cmdb_scan_bwd.restype = ctypes.c_int
+    return lib, ""
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled library, building it on first use; None where it cannot be built."""
+    return _load()[0]
+
+
+def library_error() -> str:
+    """Why the library cannot be built here, or ``""``."""
+    return _load()[1]
+
+
+def library_path() -> str | None:
+    """The cached library file in use, or None."""
+    lib = library()
+    return None if lib is None else lib._name
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _run(fn, units: int, *args) -> None:
+    """``fn(lo, hi, *args)`` over (batch, group) units split among torch's intra-op threads.
+
+    ctypes releases the GIL for the call, so the pool's threads run the C code side by side.
+    """
+    workers = max(1, min(units, torch.get_num_threads()))
+    bounds = [units * i // workers for i in range(workers + 1)]
+    if workers == 1:
+        codes = [fn(0, units, *args)]
+    else:
+        pool = worker_pool(workers, os.getpid())
+        codes = [f.result() for f in [pool.submit(fn, lo, hi, *args) for lo, hi in zip(bounds, bounds[1:])]]
+    if any(codes):
+        raise MemoryError("the CPU scan could not allocate its per-thread buffers")
+
+
+class NativeScan(torch.autograd.Function):
+    """ChunkedScan's signature and results, on CPU fp32 tensors, through the C library."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):  # noqa: N803
+        lib = library()
+        ins = [t if t is None else t.contiguous() for t in (u, delta, A, B, C, D, z, delta_bias)]
+        u, delta, A, B, C, D, z, delta_bias = ins
+        (b, d, l), g, n = u.shape, B.shape[1], A.shape[1]
+        out, last = u.new_empty((b, d, l)), u.new_empty((b, d, n))
+        _run(lib.cmdb_scan_fwd, b * g, b, d, l, n, g, *map(_ptr, ins), int(delta_softplus), _ptr(out), _ptr(last))
+        ctx.save_for_backward(*ins)
+        ctx.delta_softplus = delta_softplus
+        ctx.set_materialize_grads(False)
+        return out, last
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gout, glast):
+        ins = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias = ins
+        (b, d, l), g, n = u.shape, B.shape[1], A.shape[1]
+        gout = torch.zeros_like(u) if gout is None else gout.contiguous()
+        glast = None if glast is None else glast.contiguous()
+        gu, gdelta, gB, gC = (torch.empty_like(t) for t in (u, delta, B, C))
+        gz = None if z is None else torch.empty_like(z)
+        gA = u.new_empty((b, d, n))
+        gD = None if D is None else u.new_empty((b, d))
+        gbias = None if delta_bias is None else u.new_empty((b, d))
+        _run(library().cmdb_scan_bwd, b * g, b, d, l, n, g, *map(_ptr, ins), int(ctx.delta_softplus),
+             _ptr(gout), _ptr(glast), *map(_ptr, (gu, gdelta, gA, gB, gC, gD, gz, gbias)))
+        sums = [None if t is None else t.sum(0) for t in (gA, gD, gbias)]
+        return gu, gdelta, sums[0], gB, gC, sums[1], gz, sums[2], None

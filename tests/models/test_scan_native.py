@@ -1,0 +1,115 @@
+"""The C scan's build: cached per source and machine, atomic, and a fallback where it cannot build.
+
+Its numbers are checked against the sequential reference in test_scan.py, with the torch scan.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+from scan_reference import make_inputs, reference_scan, rel_err
+
+from cmdbnet.models import scan
+from cmdbnet.models.scan import dispatch, native, selective_scan
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """A private kernel cache and no memory of earlier builds; the process's library afterwards."""
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(scan.BACKEND_ENV, raising=False)
+    native._load.cache_clear()
+    dispatch._native_or_torch.cache_clear()
+    yield tmp_path / "cache" / "kernels"
+    native._load.cache_clear()
+    dispatch._native_or_torch.cache_clear()
+
+
+def _small():
+    return make_inputs(2, 8, 23, 1, "g2", D=True, bias=True, seed=5)
+
+
+def test_builds_once_into_the_cache_and_reuses_it(fresh_build):
+    lib = native.library()
+    assert lib is not None and native.library_error() == ""
+    (built,) = fresh_build.iterdir()  # no temporary file left beside it
+    assert built.name.startswith("scan-") and built.suffix == ".so" and native.library_path() == str(built)
+    stamp = built.stat().st_mtime_ns
+    native._load.cache_clear()
+    assert native.library_path() == str(built) and built.stat().st_mtime_ns == stamp  # not rebuilt
+    kw = _small()
+    assert rel_err(selective_scan(**kw, delta_softplus=True), reference_scan(**kw, delta_softplus=True)) <= 1e-5
+
+
+def test_without_a_compiler_auto_falls_back_to_torch_with_one_warning(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", "no-such-cc")
+    assert native.library() is None and "no-such-cc" in native.library_error()
+    assert "native" not in scan.available_backends() and scan.backend_status()["native"]
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        assert scan.resolve_backend("cpu") == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
+        assert scan.resolve_backend("cpu") == "torch"
+        kw = _small()
+        assert rel_err(selective_scan(**kw), reference_scan(**kw)) <= 1e-5
+    monkeypatch.setenv(scan.BACKEND_ENV, "native")
+    with pytest.raises(scan.ScanBackendError, match="no-such-cc"):
+        selective_scan(**_small())
+    assert not fresh_build.exists() or not any(fresh_build.iterdir())
+
+
+def test_a_failing_compiler_leaves_nothing_in_the_cache(fresh_build, monkeypatch, tmp_path):
+    cc = tmp_path / "broken-cc"
+    cc.write_text("#!/bin/sh\nfor a; do case $a in *.part) : > \"$a\";; esac; done\n"
+                  "echo 'internal compiler error' >&2\nexit 1\n")
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    assert native.library() is None
+    assert "failed to compile" in native.library_error() and "internal compiler error" in native.library_error()
+    assert list(fresh_build.iterdir()) == []
+
+
+def test_forced_native_refuses_cuda_tensors(monkeypatch):
+    monkeypatch.setenv(scan.BACKEND_ENV, "native")
+    with pytest.raises(scan.ScanBackendError, match="needs CPU tensors"):
+        scan.resolve_backend("cuda")
+
+
+def test_fp64_goes_to_the_torch_scan_and_nan_propagates(monkeypatch):
+    monkeypatch.delenv(scan.BACKEND_ENV, raising=False)
+    kw = make_inputs(1, 4, 9, 1, "g1", D=True, bias=True, dtype=torch.float64)
+    out = selective_scan(**kw, delta_softplus=True)
+    assert out.dtype == torch.float64 and rel_err(out, reference_scan(**kw, delta_softplus=True)) <= 1e-12
+    kw = _small()
+    with torch.no_grad():
+        kw["u"][1, 3, 7] = float("nan")
+    out = selective_scan(**kw, delta_softplus=True)
+    assert out[1, 3, 7:].isnan().all() and out[1, 3, :7].isfinite().all() and out[0].isfinite().all()
+
+
+def test_extreme_decays_match_the_reference(monkeypatch):
+    """exp underflowing to 0 (long steps, large |A|) and softplus far past its threshold."""
+    monkeypatch.setenv(scan.BACKEND_ENV, "native")
+    kw = make_inputs(2, 4, 40, 2, "g2", D=True, bias=True, seed=9)
+    with torch.no_grad():
+        kw["delta"][0, :, ::3] = 60.0
+        kw["A"][0] = -30.0
+    for mode in (False, True):
+        ours = selective_scan(**kw, delta_softplus=mode)
+        ref = reference_scan(**kw, delta_softplus=mode)
+        assert ours.isfinite().all() and rel_err(ours, ref) <= 1e-5
+        for name, a, r in zip(kw, torch.autograd.grad(ours.sum(), list(kw.values())),
+                              torch.autograd.grad(ref.sum(), list(kw.values()))):
+            assert rel_err(a, r) <= 1e-5, name
+
+
+def test_build_is_keyed_by_source_and_cpu(fresh_build, monkeypatch):
+    first = native.library_path()
+    native._load.cache_clear()
+    monkeypatch.setattr(native, "_cpu_signature", lambda: "flags: another-cpu")
+    second = native.library_path()
+    assert second != first and sorted(os.listdir(fresh_build)) == sorted(
+        os.path.basename(p) for p in (first, second))
