@@ -1,8 +1,10 @@
-"""Time the torch selective scan against mamba-ssm's sequential reference, forward + backward.
+"""Time our CPU selective scans against mamba-ssm's sequential reference, forward + backward.
 
     python benchmarks/scan.py            # the real reference at L=1024: 1.5 to 3.5 min on 2 cores
     python benchmarks/scan.py --quick    # reference at L=128, extrapolated linearly to 1024
-    python benchmarks/scan.py --network --before main   # the network's own scan calls, against a git ref
+    python benchmarks/scan.py --backend torch           # time the chunked torch scan instead of auto's
+    python benchmarks/scan.py --network --before main   # the network's own scan calls: the C scan and
+                                                        # the torch scan now, the torch scan at a git ref
 
 The reference's backward grows faster than L (see main), so an extrapolated time flatters it
 and the speed-up target is judged only on the real run.
@@ -29,8 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cmdbnet.models.scan import override_function, scan_macs  # noqa: E402
-from cmdbnet.models.scan.dispatch import _selective_scan_torch  # noqa: E402
+from cmdbnet.models.scan import BACKEND_ENV, override_function, resolve_backend, scan_macs, selective_scan  # noqa: E402
 from cmdbnet.settings import ModelSettings  # noqa: E402
 
 SPEEDUP_TARGET = 50.0
@@ -53,9 +54,23 @@ def reference_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     return out * F.silu(z)
 
 
-def ours(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    # The torch backend directly, so a machine with mamba-ssm still times ours.
-    return _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, False)
+def ours(u, delta, A, B, C, D, delta_bias, delta_softplus, z=None):
+    """The scan CPU tensors get here (``CMDB_SCAN_BACKEND`` honoured)."""
+    return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """Run the block's scans on ``name`` (a ``CMDB_SCAN_BACKEND`` value)."""
+    saved = os.environ.get(BACKEND_ENV)
+    os.environ[BACKEND_ENV] = name
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(BACKEND_ENV)
+        else:
+            os.environ[BACKEND_ENV] = saved
 
 
 def make_inputs(b, d, l, n, seed=0):
@@ -132,32 +147,38 @@ def scan_function_at(ref: str):
 
 
 def network_table(before: str | None, rounds: int) -> None:
-    """Forward + backward per call at the network's shapes, ours (and ``before``'s) alternating."""
+    """Forward + backward per call at the network's shapes: the C scan, the torch scan, and the
+    torch scan as ``before`` had it, alternating; speed-ups and differences against the last."""
     old = scan_function_at(before) if before else None
     print(f"the network's scan calls (batch 4, 256 x 256, d_state 1, D, delta_bias, softplus, no z), "
-          f"{rounds} alternating rounds, median per call")
+          f"{rounds} alternating rounds, median per call, wall (process CPU)")
+    runs = {"native": ("native", contextlib.nullcontext), "torch": ("torch", contextlib.nullcontext)}
+    if old:
+        runs[before] = ("torch", lambda: override_function(old))
     for b, d, l, n, g in network_shapes():  # noqa: E741
         t = make_inputs(b, d, l, n)
         t["B"], t["C"] = (torch.randn(b, g, n, l).requires_grad_() for _ in range(2))
         del t["z"]
         gout = torch.randn(b, d, l)
-        fn = lambda **kw: _selective_scan_torch(**kw, z=None, last=False)  # noqa: E731
-        times: dict[str, list[tuple[float, float]]] = {"now": [], "before": []}
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
         outs = {}
         for r in range(rounds + 1):
-            for name in (("now", "before") if old else ("now",)):
-                with override_function(old) if name == "before" else contextlib.nullcontext():
-                    wall, cpu, out, grads = fwd_bwd(fn, t, gout)
-                outs[name] = (out, grads)
+            for name, (env, ctx) in runs.items():
+                with backend(env), ctx():
+                    wall, cpu, out, grads = fwd_bwd(ours, t, gout)
+                outs[name] = [out, *grads]
                 if r:
                     times[name].append((wall, cpu))
-        row = f"  (b, d, l, n) = ({b}, {d}, {l}, {n}), G {g}: now {_med(times['now'])}"
-        if old:
-            err = max(((a - r).norm() / r.norm()).item() for a, r in
-                      zip([outs["now"][0], *outs["now"][1]], [outs["before"][0], *outs["before"][1]]))
-            ratio = statistics.median(w for w, _ in times["before"]) / statistics.median(w for w, _ in times["now"])
-            row += f"; {before} {_med(times['before'])}; {ratio:.1f}x faster; max rel. diff {err:.1e}"
-        print(row)
+        base = list(runs)[-1]
+        cells = []
+        for name in runs:
+            cell = f"{name} {_med(times[name])}"
+            if name != base:
+                err = max(((a - r).norm() / r.norm()).item() for a, r in zip(outs[name], outs[base]))
+                ratio = statistics.median(w for w, _ in times[base]) / statistics.median(w for w, _ in times[name])
+                cell += f" {ratio:.1f}x, diff {err:.1e}"
+            cells.append(cell)
+        print(f"  ({b}, {d}, {l}, {n}), G {g}: " + "; ".join(cells))
     print(f"  load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
@@ -175,14 +196,17 @@ def main() -> int:
     parser.add_argument("--network", action="store_true", help="only time the network's own scan calls")
     parser.add_argument("--before", help="git ref whose scan the --network table also times")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of --network")
+    parser.add_argument("--backend", default="auto", help="CMDB_SCAN_BACKEND for 'ours' (default: auto)")
     args = parser.parse_args()
+    os.environ[BACKEND_ENV] = args.backend
     if args.network:
         network_table(args.before, args.rounds)
         return 0
     ref_len = args.ref_length or (128 if args.quick else 1024)
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
-    print(f"torch {torch.__version__}, {threads} threads, load average {os.getloadavg()[0]:.2f}")
+    print(f"torch {torch.__version__}, {threads} threads, load average {os.getloadavg()[0]:.2f}, "
+          f"ours: the {resolve_backend('cpu')} scan")
 
     shape, stage1 = (16, 128, 1024, 16), (16, 128, 4096, 16)
     t_ours, c_ours = best_of(ours, make_inputs(*shape), args.repeats)

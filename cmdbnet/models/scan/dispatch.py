@@ -178,11 +178,6 @@ def _run(function, u, delta, A, B, C, D, z, delta_bias, delta_softplus, last, dt
     return (out.to(u.dtype), last_state) if last else out.to(u.dtype)
 
 
-def _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, last):  # noqa: N803
-    """The chunked torch scan whatever the device or variable (benchmarks time it directly)."""
-    return _run(_scan_function(), u, delta, A, B, C, D, z, delta_bias, delta_softplus, last)
-
-
 def _triton_failed(exc: BaseException) -> bool:
     """A Triton kernel failed to compile or launch: under ``auto``, turn Triton off for this process
     with one warning and say "fall back" (True); asked for explicitly, say "raise" (False)."""
