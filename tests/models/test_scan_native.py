@@ -6,6 +6,7 @@ Its numbers are checked against the sequential reference in test_scan.py, with t
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 
 import pytest
@@ -113,3 +114,13 @@ def test_build_is_keyed_by_source_and_cpu(fresh_build, monkeypatch):
     second = native.library_path()
     assert second != first and sorted(os.listdir(fresh_build)) == sorted(
         os.path.basename(p) for p in (first, second))
+
+
+def test_an_unwritable_cache_builds_in_a_temporary_folder(fresh_build, monkeypatch, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv(native.CACHE_ENV, str(blocker))  # its kernels/ cannot be created
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert native.library() is not None
+    assert native.library_path().startswith(str(tmp_path / "tmp" / "cmdbnet-kernels-"))

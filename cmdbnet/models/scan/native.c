@@ -79,7 +79,7 @@ static double sum_f(const float *x, i64 L) {
 typedef struct { float *dt, *pre, *da, *bu, *gy, *gh, *gdt, *h; } Work;
 
 static int work_alloc(Work *w, i64 L, i64 N) {
-    float *p = (float *)malloc(sizeof(float) * (size_t)L * (size_t)(7 + N));
+    float *p = (float *)malloc(sizeof(float) * (size_t)(L > 0 ? L : 1) * (size_t)(7 + N));
     if (!p) return -1;
     w->dt = p; w->pre = p + L; w->da = p + 2 * L; w->bu = p + 3 * L; w->gy = p + 4 * L;
     w->gh = p + 5 * L; w->gdt = p + 6 * L; w->h = p + 7 * L;

@@ -32,8 +32,10 @@ __all__ = ["NativeScan", "CACHE_ENV", "library", "library_error", "library_path"
 CACHE_ENV = "CMDB_CACHE_DIR"
 _SOURCE = Path(__file__).with_name("native.c")
 # -march=native: the library is built on the machine that runs it (the cache key holds the
-# CPU's flags). No -ffast-math: it would let the compiler assume no NaN or inf.
-_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared")
+# CPU's flags); a compiler that does not know the flag gets the second set. No -ffast-math: it
+# would let the compiler assume no NaN or inf.
+_FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared")
+_TUNINGS = (("-march=native",), ())
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _FWD_ARGS = [_I] * 7 + [_P] * 8 + [ctypes.c_int] + [_P] * 2
 _BWD_ARGS = [_I] * 7 + [_P] * 8 + [ctypes.c_int] + [_P] * 10
@@ -51,10 +53,12 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
-def _cache_dir() -> Path:
+def _cache_dirs() -> list[Path]:
+    """The user cache, then a per-user temporary folder (a read-only home on a cluster node)."""
     root = os.environ.get(CACHE_ENV) or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
                                                      "cmdbnet")
-    return Path(root) / "kernels"
+    user = getattr(os, "getuid", lambda: "user")()
+    return [Path(root) / "kernels", Path(tempfile.gettempdir()) / f"cmdbnet-kernels-{user}"]
 
 
 def _compiler() -> str:
@@ -65,32 +69,51 @@ def _compiler() -> str:
     return path
 
 
+class CompileError(OSError):
+    """The compiler ran and refused the source: another folder would not help."""
+
+
 def _build(cc: str, dst: Path) -> None:
     """Compile to a temporary name in ``dst``'s folder, then rename onto ``dst``."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".part", dir=dst.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
-                              timeout=120)
-        if proc.returncode:
-            raise OSError(f"{Path(cc).name} failed to compile the CPU scan: {proc.stderr.strip()[:300]}")
-        os.replace(tmp, dst)
+        for tuning in _TUNINGS:
+            proc = subprocess.run([cc, *_FLAGS, *tuning, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True,
+                                  text=True, timeout=120)
+            if not proc.returncode:
+                os.replace(tmp, dst)
+                return
+        raise CompileError(f"{Path(cc).name} failed to compile the CPU scan: {proc.stderr.strip()[:300]}")
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
+def _built(cc: str) -> Path:
+    """The library for this source, compiler and CPU: from the cache, or built into it."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), *_FLAGS, version, _cpu_signature()]).encode())
+    name = f"scan-{key.hexdigest()[:16]}.so"
+    for folder in _cache_dirs():
+        if (folder / name).is_file():
+            return folder / name
+    first, *rest = _cache_dirs()
+    try:
+        _build(cc, first / name)
+        return first / name
+    except CompileError:
+        raise
+    except OSError:  # the cache folder cannot be written
+        _build(cc, rest[0] / name)
+        return rest[0] / name
+
+
 @functools.cache
 def _load() -> tuple[ctypes.CDLL | None, str]:
     try:
-        cc = _compiler()
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256("\0".join([_SOURCE.read_text(), *_FLAGS, version, _cpu_signature()]).encode())
-        path = _cache_dir() / f"scan-{key.hexdigest()[:16]}.so"
-        if not path.exists():
-            _build(cc, path)
-        lib = ctypes.CDLL(str(path))
+        lib = ctypes.CDLL(str(_built(_compiler())))
     except (OSError, subprocess.SubprocessError) as exc:
         return None, str(exc)
     lib.cmdb_scan_fwd.argtypes, lib.cmdb_scan_bwd.argtypes = _FWD_ARGS, _BWD_ARGS
