@@ -48,6 +48,17 @@ def atomic_path(final: str | os.PathLike, suffix: str | None = None) -> Iterator
         raise
 
 
+def remove_partial_files(folder: Path, name: str = "*") -> int:
+    """Delete the temporary files :func:`atomic_path` left in ``folder`` for final ``name`` (any
+    name by default) when a process died before its rename; return how many."""
+    removed = 0
+    for stale in folder.glob(f".{name}.*.part*") if folder.is_dir() else ():
+        with contextlib.suppress(OSError):
+            stale.unlink()
+            removed += 1
+    return removed
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write a small text file (manifest, settings) so readers never see half of it."""
     with atomic_path(path) as tmp:

@@ -49,7 +49,7 @@ from cmdbnet.data.raw import UNKNOWN, LabelDecoder, RasterInfo, RawTile, check_t
 from cmdbnet.data.registry import get_spec
 from cmdbnet.errors import CmdbError
 from cmdbnet.progress import progress_bar
-from cmdbnet.utils import atomic_path
+from cmdbnet.utils import atomic_path, remove_partial_files
 
 EDGE_RULE = "last crop of a row/column shifted back to end at the tile edge (overlaps its neighbour)"
 NONFINITE_POLICY = "NaN/inf image pixels: every band set to 0, label set to the ignore index"
@@ -282,9 +282,7 @@ def _die_with_parent(parent: int) -> None:
 def remove_stale_parts(out: Path) -> None:
     """Delete temporary files (``.<name>.*.part*``) that a killed run left in the output folder."""
     for folder in [out, out / DONE_DIR] + [out / s / k for s in SPLIT_ORDER for k in ("images", "labels")]:
-        if folder.is_dir():
-            for stale in folder.glob(".*.part*"):
-                stale.unlink(missing_ok=True)
+        remove_partial_files(folder)
 
 
 def _run_jobs(jobs: list[TileJob], workers: int, progress: bool, add: Callable[[TileJob, dict], None]) -> None:

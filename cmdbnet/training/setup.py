@@ -10,6 +10,7 @@ from typing import Any
 from cmdbnet.data.manifest import read_manifest
 from cmdbnet.errors import CmdbError
 from cmdbnet.settings import DataSettings, Settings
+from cmdbnet.utils import remove_partial_files
 
 
 def dataset_info(manifest: dict, settings: Settings) -> dict[str, Any]:
@@ -71,8 +72,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     """Create the run folder; drop temporary files a killed run left, and the old run on --overwrite."""
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in RUN_FILES:
-        for stale in run_dir.glob(f".{name}.*.part*"):
-            stale.unlink(missing_ok=True)
+        remove_partial_files(run_dir, name)
     if overwrite:
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
