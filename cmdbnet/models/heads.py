@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmdbnet.models.fusion import ConvBNReLU
+from cmdbnet.models.fusion import ConvBNReLU, pointwise
 
 __all__ = ["SegHead", "AuxHead", "Heads"]
 
@@ -26,8 +26,21 @@ class SegHead(nn.Module):
         self.cls = nn.Conv2d(channels, num_classes, 1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        logits = self.cls(self.drop(x))
+        logits = pointwise(self.cls, x, channel_scale=self._dropout_mask(x))
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+    def _dropout_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Dropout2d's (B, C, 1, 1) keep mask, drawn as F.dropout2d draws it, or None when inactive.
+
+        Why: the classifier is linear, so the mask folds into its weights (per sample) and the
+        dropped-out 256-channel map is never materialised, forward or backward.
+        """
+        p = self.drop.p
+        if not self.drop.training or p == 0 or x.dim() != 4:
+            return None
+        if p == 1:
+            return x.new_zeros(x.shape[0], x.shape[1], 1, 1)
+        return x.new_empty(x.shape[0], x.shape[1], 1, 1).bernoulli_(1 - p).div_(1 - p)
 
 
 class AuxHead(nn.Sequential):
