@@ -74,13 +74,13 @@ class _Up2x(torch.autograd.Function):
     """Bilinear 2x upsampling (align_corners=False) of an NCHW-contiguous map, written as its fixed taps.
 
     At exactly 2x every output row and column is ``lerp(x[i], x[i -+ 1], 1/4)`` (the edge clamped
-    to x[i]), so the forward is four strided lerps into the output, where the generic CPU kernel
-    makes extra full-size copies. The backward is the generic kernel's, unchanged.
+    to x[i]), so the forward is four strided lerps into the output and the backward their
+    adjoint, a few strided adds per axis, where the generic CPU kernels make extra full-size
+    copies (forward) or scatter one output pixel at a time (backward).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.in_size = tuple(x.shape)
         b, c, h, w = x.shape
         rows = x.new_empty(b, c, h, 2, w)          # pass 1: rows, (B, C, 2H, W)
         _lerp_axis(x, rows, 2)
@@ -90,9 +90,7 @@ class _Up2x(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        size = ctx.in_size
-        return torch.ops.aten.upsample_bilinear2d_backward(grad.contiguous(), [2 * size[2], 2 * size[3]], list(size),
-                                                           False, None, None)
+        return _lerp_axis_adjoint(_lerp_axis_adjoint(grad, 3), 2)
 
 
 def _lerp_axis(x: torch.Tensor, out: torch.Tensor, dim: int) -> None:
@@ -103,6 +101,19 @@ def _lerp_axis(x: torch.Tensor, out: torch.Tensor, dim: int) -> None:
     even.narrow(dim, 0, 1).copy_(x.narrow(dim, 0, 1))
     torch.lerp(x.narrow(dim, 0, n - 1), x.narrow(dim, 1, n - 1), 0.25, out=odd.narrow(dim, 0, n - 1))
     odd.narrow(dim, n - 1, 1).copy_(x.narrow(dim, n - 1, 1))
+
+
+def _lerp_axis_adjoint(grad: torch.Tensor, dim: int) -> torch.Tensor:
+    """Gradient of :func:`_lerp_axis` along ``dim``: grad (size 2n there) -> (size n there)."""
+    n = grad.shape[dim] // 2
+    taps = grad.unflatten(dim, (n, 2))
+    even, odd = taps.select(dim + 1, 0), taps.select(dim + 1, 1)
+    out = torch.add(even, odd).mul_(0.75)
+    out.narrow(dim, 1, n - 1).add_(odd.narrow(dim, 0, n - 1), alpha=0.25)
+    out.narrow(dim, 0, n - 1).add_(even.narrow(dim, 1, n - 1), alpha=0.25)
+    out.narrow(dim, 0, 1).add_(even.narrow(dim, 0, 1), alpha=0.25)          # clamped edges: weight 1 in all
+    out.narrow(dim, n - 1, 1).add_(odd.narrow(dim, n - 1, 1), alpha=0.25)
+    return out
 
 
 class DualGate(nn.Module):
@@ -121,6 +132,14 @@ class DualGate(nn.Module):
     def forward(self, c: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         g_c, g_m = torch.sigmoid(self.net(torch.cat([c, m], dim=1))).chunk(2, dim=1)
         return torch.addcmul(c, g_c, m), torch.addcmul(m, g_m, c)
+
+
+def _pool(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``adaptive_avg_pool2d(x, size)``; as the equal (and cheaper) plain average pool when the sides divide."""
+    h, w = x.shape[-2:]
+    if h % size or w % size:
+        return F.adaptive_avg_pool2d(x, size)
+    return F.avg_pool2d(x, (h // size, w // size))
 
 
 class CrossAttention(nn.Module):
@@ -147,7 +166,7 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
-        tokens = F.adaptive_avg_pool2d(other, self.pool).flatten(2).transpose(1, 2)   # (B, P, w)
+        tokens = _pool(other, self.pool).flatten(2).transpose(1, 2)                     # (B, P, w)
         k, v = self.kv(self.norm(tokens)).chunk(2, dim=-1)
         split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)            # noqa: E731
         if x.device.type != "cpu" or not x.is_contiguous():
