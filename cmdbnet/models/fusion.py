@@ -37,9 +37,7 @@ def pointwise(conv: nn.Conv2d, x: torch.Tensor, channel_scale: torch.Tensor | No
     Dropout2d mask) without materialising the scaled map. Anything else (another device, a
     channels-last or strided map, a kernel that is not a plain 1x1) goes through ``conv``.
     """
-    if (x.device.type != "cpu" or x.dim() != 4 or not x.is_contiguous() or conv.kernel_size != (1, 1)
-            or conv.stride != (1, 1) or conv.padding != (0, 0) or conv.groups != 1
-            or conv.padding_mode != "zeros"):
+    if x.device.type != "cpu" or x.dim() != 4 or not x.is_contiguous() or not _plain_1x1(conv):
         return conv(x * channel_scale if channel_scale is not None else x)
     b, _, h, w = x.shape
     weight = conv.weight.flatten(1)
@@ -49,6 +47,11 @@ def pointwise(conv: nn.Conv2d, x: torch.Tensor, channel_scale: torch.Tensor | No
     else:
         y = torch.baddbmm(conv.bias.unsqueeze(-1), weight, x.flatten(2))
     return y.view(b, -1, h, w)
+
+
+def _plain_1x1(conv: nn.Conv2d) -> bool:
+    return (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding in ((0, 0), "valid")
+            and conv.groups == 1 and conv.padding_mode == "zeros")
 
 
 class ConvBNReLU(nn.Sequential):
@@ -84,9 +87,9 @@ class _Up2x(torch.autograd.Function):
         b, c, h, w = x.shape
         rows = x.new_empty(b, c, h, 2, w)          # pass 1: rows, (B, C, 2H, W)
         _lerp_axis(x, rows, 2)
-        out = x.new_empty(b, c, 2 * h, w, 2)       # pass 2: columns, (B, C, 2H, 2W)
-        _lerp_axis(rows.view(b, c, 2 * h, w), out, 3)
-        return out.view(b, c, 2 * h, 2 * w)
+        out = x.new_empty(b, c, 2 * h, 2 * w)      # pass 2: columns
+        _lerp_axis(rows.view(b, c, 2 * h, w), out.view(b, c, 2 * h, w, 2), 3)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
