@@ -134,7 +134,7 @@ class DualGate(nn.Module):
 
     def forward(self, c: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         g_c, g_m = torch.sigmoid(self.net(torch.cat([c, m], dim=1))).chunk(2, dim=1)
-        return torch.addcmul(c, g_c, m), torch.addcmul(m, g_m, c)
+        return c + g_c * m, m + g_m * c
 
 
 def _pool(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -183,7 +183,7 @@ class CrossAttention(nn.Module):
         o = F.scaled_dot_product_attention(split(q), split(k), split(v))               # (B, h, HW, d)
         o = o.transpose(1, 2).flatten(2)                       # (B, HW, dim), a view for one head
         y = torch.baddbmm(self.proj.bias.unsqueeze(-1), self.proj.weight.flatten(1).expand(b, -1, -1), o.transpose(1, 2))
-        return torch.addcmul(x, self.scale, y.view(b, -1, h, w))
+        return x + self.scale * y.view(b, -1, h, w)
 
 
 class GatedFusionStage(nn.Module):
