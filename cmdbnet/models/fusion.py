@@ -25,7 +25,33 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ConvBNReLU", "CrossAttention", "DualGate", "GatedFusion", "ConcatFusion", "SingleBranchNeck",
-           "FPNAggregator"]
+           "FPNAggregator", "pointwise"]
+
+
+def pointwise(conv: nn.Conv2d, x: torch.Tensor, channel_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``conv(x)`` for a plain 1x1 convolution, as one batched matmul on NCHW-contiguous CPU input.
+
+    Why: oneDNN's 1x1 convolution (forward and even more its backward) on wide 1/4-scale maps
+    costs several times a (B, out, in) x (B, in, HW) matmul, which reads the map in place.
+    ``channel_scale`` (B, in, 1, 1), when given, multiplies the input channels first (a folded
+    Dropout2d mask) without materialising the scaled map. Anything else (another device, a
+    channels-last or strided map, a kernel that is not a plain 1x1) goes through ``conv``.
+    """
+    if x.device.type != "cpu" or x.dim() != 4 or not x.is_contiguous() or not _plain_1x1(conv):
+        return conv(x * channel_scale if channel_scale is not None else x)
+    b, _, h, w = x.shape
+    weight = conv.weight.flatten(1)
+    weight = weight * channel_scale.flatten(1).unsqueeze(1) if channel_scale is not None else weight.expand(b, -1, -1)
+    if conv.bias is None:
+        y = torch.bmm(weight, x.flatten(2))
+    else:
+        y = torch.baddbmm(conv.bias.unsqueeze(-1), weight, x.flatten(2))
+    return y.view(b, -1, h, w)
+
+
+def _plain_1x1(conv: nn.Conv2d) -> bool:
+    return (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding in ((0, 0), "valid")
+            and conv.groups == 1 and conv.padding_mode == "zeros")
 
 
 class ConvBNReLU(nn.Sequential):
@@ -33,9 +59,64 @@ class ConvBNReLU(nn.Sequential):
         layers = [nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
         super().__init__(*(layers + [nn.ReLU(inplace=True)] if act else layers))
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = pointwise(self[0], x)
+        for layer in list(self)[1:]:
+            x = layer(x)
+        return x
+
 
 def _up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
+    size = tuple(like.shape[-2:])
+    if x.device.type == "cpu" and x.is_contiguous() and size == (2 * x.shape[-2], 2 * x.shape[-1]):
+        return _Up2x.apply(x)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class _Up2x(torch.autograd.Function):
+    """Bilinear 2x upsampling (align_corners=False) of an NCHW-contiguous map, written as its fixed taps.
+
+    At exactly 2x every output row and column is ``lerp(x[i], x[i -+ 1], 1/4)`` (the edge clamped
+    to x[i]), so the forward is four strided lerps into the output and the backward their
+    adjoint, a few strided adds per axis, where the generic CPU kernels make extra full-size
+    copies (forward) or scatter one output pixel at a time (backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        rows = x.new_empty(b, c, h, 2, w)          # pass 1: rows, (B, C, 2H, W)
+        _lerp_axis(x, rows, 2)
+        out = x.new_empty(b, c, 2 * h, 2 * w)      # pass 2: columns
+        _lerp_axis(rows.view(b, c, 2 * h, w), out.view(b, c, 2 * h, w, 2), 3)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _lerp_axis_adjoint(_lerp_axis_adjoint(grad, 3), 2)
+
+
+def _lerp_axis(x: torch.Tensor, out: torch.Tensor, dim: int) -> None:
+    """out (x's shape with a size-2 axis after ``dim``) <- the even and odd 2x bilinear taps along ``dim``."""
+    n = x.shape[dim]
+    even, odd = out.select(dim + 1, 0), out.select(dim + 1, 1)
+    torch.lerp(x.narrow(dim, 1, n - 1), x.narrow(dim, 0, n - 1), 0.25, out=even.narrow(dim, 1, n - 1))
+    even.narrow(dim, 0, 1).copy_(x.narrow(dim, 0, 1))
+    torch.lerp(x.narrow(dim, 0, n - 1), x.narrow(dim, 1, n - 1), 0.25, out=odd.narrow(dim, 0, n - 1))
+    odd.narrow(dim, n - 1, 1).copy_(x.narrow(dim, n - 1, 1))
+
+
+def _lerp_axis_adjoint(grad: torch.Tensor, dim: int) -> torch.Tensor:
+    """Gradient of :func:`_lerp_axis` along ``dim``: grad (size 2n there) -> (size n there)."""
+    n = grad.shape[dim] // 2
+    taps = grad.unflatten(dim, (n, 2))
+    even, odd = taps.select(dim + 1, 0), taps.select(dim + 1, 1)
+    out = torch.add(even, odd).mul_(0.75)
+    out.narrow(dim, 1, n - 1).add_(odd.narrow(dim, 0, n - 1), alpha=0.25)
+    out.narrow(dim, 0, n - 1).add_(even.narrow(dim, 1, n - 1), alpha=0.25)
+    out.narrow(dim, 0, 1).add_(even.narrow(dim, 0, 1), alpha=0.25)          # clamped edges: weight 1 in all
+    out.narrow(dim, n - 1, 1).add_(odd.narrow(dim, n - 1, 1), alpha=0.25)
+    return out
 
 
 class DualGate(nn.Module):
@@ -54,6 +135,14 @@ class DualGate(nn.Module):
     def forward(self, c: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         g_c, g_m = torch.sigmoid(self.net(torch.cat([c, m], dim=1))).chunk(2, dim=1)
         return c + g_c * m, m + g_m * c
+
+
+def _pool(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``adaptive_avg_pool2d(x, size)``; as the equal (and cheaper) plain average pool when the sides divide."""
+    h, w = x.shape[-2:]
+    if h % size or w % size:
+        return F.adaptive_avg_pool2d(x, size)
+    return F.avg_pool2d(x, (h // size, w // size))
 
 
 class CrossAttention(nn.Module):
@@ -80,13 +169,21 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
-        tokens = F.adaptive_avg_pool2d(other, self.pool).flatten(2).transpose(1, 2)   # (B, P, w)
+        tokens = _pool(other, self.pool).flatten(2).transpose(1, 2)                     # (B, P, w)
         k, v = self.kv(self.norm(tokens)).chunk(2, dim=-1)
-        q = self.q(x).flatten(2).transpose(1, 2)                                       # (B, HW, dim)
         split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)            # noqa: E731
+        if x.device.type != "cpu" or not x.is_contiguous():
+            q = self.q(x).flatten(2).transpose(1, 2)                                   # (B, HW, dim)
+            o = F.scaled_dot_product_attention(split(q), split(k), split(v))           # (B, h, HW, d)
+            o = o.transpose(1, 2).flatten(2).transpose(1, 2).reshape(b, -1, h, w)
+            return x + self.scale * self.proj(o)
+        # NCHW on CPU: q and proj as batched matmuls straight between the channel-major map and
+        # the token-major attention layout, so neither side is copied into the other's layout.
+        q = torch.bmm(x.flatten(2).transpose(1, 2), self.q.weight.flatten(1).t().expand(b, -1, -1))
         o = F.scaled_dot_product_attention(split(q), split(k), split(v))               # (B, h, HW, d)
-        o = o.transpose(1, 2).flatten(2).transpose(1, 2).reshape(b, -1, h, w)
-        return x + self.scale * self.proj(o)
+        o = o.transpose(1, 2).flatten(2)                       # (B, HW, dim), a view for one head
+        y = torch.baddbmm(self.proj.bias.unsqueeze(-1), self.proj.weight.flatten(1).expand(b, -1, -1), o.transpose(1, 2))
+        return x + self.scale * y.view(b, -1, h, w)
 
 
 class GatedFusionStage(nn.Module):
@@ -144,7 +241,7 @@ class FPNAggregator(nn.Module):
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         p = self.ppm(feats[-1])
         for lateral, f in zip(reversed(self.laterals), reversed(feats[:-1])):
-            p = lateral(f) + _up(p, f)
+            p = pointwise(lateral, f) + _up(p, f)
         return self.smooth(p)
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmdbnet.models.fusion import ConvBNReLU
+from cmdbnet.models.fusion import ConvBNReLU, pointwise
 
 __all__ = ["SegHead", "AuxHead", "Heads"]
 
@@ -26,8 +26,22 @@ class SegHead(nn.Module):
         self.cls = nn.Conv2d(channels, num_classes, 1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        logits = self.cls(self.drop(x))
+        logits = pointwise(self.cls, x, channel_scale=_dropout_mask(self.drop, x))
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def _dropout_mask(drop: nn.Dropout2d, x: torch.Tensor) -> torch.Tensor | None:
+    """``drop``'s (B, C, 1, 1) keep mask for x, drawn as F.dropout2d draws it, or None when inactive.
+
+    Why: a classifier after the dropout is linear, so the mask folds into its weights (per
+    sample) and the dropped-out map is never materialised, forward or backward.
+    """
+    p = drop.p
+    if not drop.training or p == 0 or x.dim() != 4:
+        return None
+    if p == 1:
+        return x.new_zeros(x.shape[0], x.shape[1], 1, 1)
+    return x.new_empty(x.shape[0], x.shape[1], 1, 1).bernoulli_(1 - p).div_(1 - p)
 
 
 class AuxHead(nn.Sequential):
@@ -35,6 +49,10 @@ class AuxHead(nn.Sequential):
 
     def __init__(self, channels: int, num_classes: int, mid: int = 64, dropout: float = 0.1):
         super().__init__(ConvBNReLU(channels, mid, k=3), nn.Dropout2d(dropout), nn.Conv2d(mid, num_classes, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self[0](x)
+        return pointwise(self[2], x, channel_scale=_dropout_mask(self[1], x))
 
 
 class Heads(nn.Module):
