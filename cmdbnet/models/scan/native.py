@@ -8,7 +8,9 @@ and CPU into the user cache (``$CMDB_CACHE_DIR`` or ``~/.cache/cmdbnet``), writt
 temporary name and renamed, so concurrent ranks or a killed build never leave a broken file.
 Where no compiler works the dispatcher falls back to the torch scan, once, with a warning.
 
-Nothing is saved for backward beyond the inputs: backward recomputes each sequence's states.
+At d_state <= KEEP_ALL_MAX_N forward keeps each sequence's dt and states for backward (as the
+torch scan keeps its states), which saves backward the softplus and the recurrence; above it
+backward recomputes them from the inputs.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 import torch
 
 from cmdbnet.models.scan.buffers import worker_pool
+from cmdbnet.models.scan.chunked import KEEP_ALL_MAX_N
 
 __all__ = ["NativeScan", "CACHE_ENV", "library", "library_error", "library_path"]
 
@@ -37,8 +40,8 @@ _SOURCE = Path(__file__).with_name("native.c")
 _FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared")
 _TUNINGS = (("-march=native",), ())
 _P, _I = ctypes.c_void_p, ctypes.c_int64
-_FWD_ARGS = [_I] * 7 + [_P] * 8 + [ctypes.c_int] + [_P] * 2
-_BWD_ARGS = [_I] * 7 + [_P] * 8 + [ctypes.c_int] + [_P] * 10
+_FWD_ARGS = [_I] * 7 + [_P] * 8 + [ctypes.c_int] + [_P] * 4
+_BWD_ARGS = [_I] * 7 + [_P] * 8 + [ctypes.c_int] + [_P] * 12
 
 
 def _cpu_signature() -> str:
@@ -167,8 +170,11 @@ class NativeScan(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias = ins
         (b, d, l), g, n = u.shape, B.shape[1], A.shape[1]
         out, last = u.new_empty((b, d, l)), u.new_empty((b, d, n))
-        _run(lib.cmdb_scan_fwd, b * g, b, d, l, n, g, *map(_ptr, ins), int(delta_softplus), _ptr(out), _ptr(last))
-        ctx.save_for_backward(*ins)
+        keep = any(ctx.needs_input_grad) and n <= KEEP_ALL_MAX_N
+        dt, h = (u.new_empty((b, d, l)), u.new_empty((b, d, n, l))) if keep else (None, None)
+        _run(lib.cmdb_scan_fwd, b * g, b, d, l, n, g, *map(_ptr, ins), int(delta_softplus), _ptr(out), _ptr(last),
+             _ptr(dt), _ptr(h))
+        ctx.save_for_backward(*ins, dt, h)
         ctx.delta_softplus = delta_softplus
         ctx.set_materialize_grads(False)
         return out, last
@@ -176,7 +182,7 @@ class NativeScan(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gout, glast):
-        ins = ctx.saved_tensors
+        *ins, dt, h = ctx.saved_tensors
         u, delta, A, B, C, D, z, delta_bias = ins
         (b, d, l), g, n = u.shape, B.shape[1], A.shape[1]
         gout = torch.zeros_like(u) if gout is None else gout.contiguous()
@@ -187,6 +193,6 @@ class NativeScan(torch.autograd.Function):
         gD = None if D is None else u.new_empty((b, d))
         gbias = None if delta_bias is None else u.new_empty((b, d))
         _run(library().cmdb_scan_bwd, b * g, b, d, l, n, g, *map(_ptr, ins), int(ctx.delta_softplus),
-             _ptr(gout), _ptr(glast), *map(_ptr, (gu, gdelta, gA, gB, gC, gD, gz, gbias)))
+             _ptr(gout), _ptr(glast), *map(_ptr, (gu, gdelta, gA, gB, gC, gD, gz, gbias, dt, h)))
         sums = [None if t is None else t.sum(0) for t in (gA, gD, gbias)]
         return gu, gdelta, sums[0], gB, gC, sums[1], gz, sums[2], None
