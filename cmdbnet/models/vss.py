@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from cmdbnet.models.scan import selective_scan
+from cmdbnet.models.scan import resolve_backend, selective_scan
+from cmdbnet.models.scan.native import CrossMerge, CrossScan
 
 __all__ = ["SS2D", "VSSBlock", "MambaEncoder", "SelectiveScan", "DropPath"]
 
@@ -57,8 +58,17 @@ class SelectiveScan(nn.Module):
         return selective_scan(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=True)
 
 
+def _native_layout(t: torch.Tensor) -> bool:
+    """Whether the C library does the cross-scan and merge: where it runs the scan (CPU fp32),
+    outside torch.compile (which fuses the torch versions itself)."""
+    return (t.device.type == "cpu" and t.dtype == torch.float32 and not torch.compiler.is_compiling()
+            and resolve_backend(t.device) == "native")
+
+
 def _cross_scan(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, 4, C, H*W): row-major, column-major, and both reversed."""
+    if _native_layout(x):
+        return CrossScan.apply(x)
     rows = x.flatten(2)
     cols = x.transpose(2, 3).flatten(2)
     return torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)
@@ -66,6 +76,8 @@ def _cross_scan(x: torch.Tensor) -> torch.Tensor:
 
 def _cross_merge(y: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """(B, 4, C, H*W) -> (B, C, H*W) in row-major order: undo each scan order and sum."""
+    if _native_layout(y):
+        return CrossMerge.apply(y, h, w).flatten(2)
     y = y[:, :2] + y[:, 2:].flip(-1)
     b, _, c, _ = y.shape
     cols = y[:, 1].view(b, c, w, h).transpose(2, 3).reshape(b, c, h * w)

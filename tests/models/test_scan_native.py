@@ -13,7 +13,7 @@ import pytest
 import torch
 from scan_reference import make_inputs, reference_scan, rel_err
 
-from cmdbnet.models import scan
+from cmdbnet.models import scan, vss
 from cmdbnet.models.scan import dispatch, native, selective_scan
 
 
@@ -124,3 +124,20 @@ def test_an_unwritable_cache_builds_in_a_temporary_folder(fresh_build, monkeypat
     (tmp_path / "tmp").mkdir()
     assert native.library() is not None
     assert native.library_path().startswith(str(tmp_path / "tmp" / "cmdbnet-kernels-"))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 2, 17, 33), (2, 4, 16, 16)])
+def test_c_cross_scan_and_merge_equal_the_torch_ones(monkeypatch, shape):
+    """Pure data movement: the C versions must give the torch versions' numbers bit for bit."""
+    b, c, h, w = shape
+    x = torch.randn(b, c, h, w, requires_grad=True)
+    ys = torch.randn(b, 4, c, h * w, requires_grad=True)
+    g_xs, g_y = torch.randn(b, 4, c, h * w), torch.randn(b, c, h * w)
+    results = {}
+    for backend in ("native", "torch"):
+        monkeypatch.setenv(scan.BACKEND_ENV, backend)
+        xs, y = vss._cross_scan(x), vss._cross_merge(ys, h, w)
+        grads = torch.autograd.grad([xs, y], [x, ys], [g_xs, g_y])
+        results[backend] = [xs, y, *grads]
+    assert xs.shape == (b, 4, c, h * w) and y.shape == (b, c, h * w)
+    assert all(torch.equal(a, r) for a, r in zip(results["native"], results["torch"]))

@@ -229,3 +229,50 @@ int cmdb_scan_bwd(i64 lo, i64 hi, i64 Bsz, i64 D, i64 L, i64 N, i64 G,
     free(scratch_dt);
     return 0;
 }
+
+/* The four scan orders of SS2D (row-major, column-major, both reversed) as index maps between
+ * an (H, W) plane in row-major order and the sequences the scan runs over. cmdb_cross_expand
+ * is the cross-scan, (B, D, H, W) -> (B, 4, D, L); cmdb_cross_fold its adjoint, the cross-merge,
+ * (B, 4, D, L) -> (B, D, L) summed. One pass each instead of the stack, flips, transposes and
+ * adds that torch needs. Units are (batch, channel) planes. */
+
+/* dst (W, H) <- src (H, W) transposed, in 16 x 16 tiles that stay in L1. */
+static void transpose_plane(const float *src, float *dst, i64 H, i64 W) {
+    for (i64 h0 = 0; h0 < H; h0 += 16)
+        for (i64 w0 = 0; w0 < W; w0 += 16) {
+            const i64 h1 = h0 + 16 < H ? h0 + 16 : H, w1 = w0 + 16 < W ? w0 + 16 : W;
+            for (i64 h = h0; h < h1; h++)
+                for (i64 w = w0; w < w1; w++) dst[w * H + h] = src[h * W + w];
+        }
+}
+
+int cmdb_cross_expand(i64 lo, i64 hi, i64 D, i64 H, i64 W, const float *x, float *xs) {
+    const i64 L = H * W;
+    for (i64 unit = lo; unit < hi; unit++) {
+        const i64 b = unit / D, d = unit % D;
+        const float *src = x + unit * L;
+        float *k0 = xs + ((b * 4 + 0) * D + d) * L, *k1 = xs + ((b * 4 + 1) * D + d) * L;
+        float *k2 = xs + ((b * 4 + 2) * D + d) * L, *k3 = xs + ((b * 4 + 3) * D + d) * L;
+        memcpy(k0, src, sizeof(float) * (size_t)L);
+        transpose_plane(src, k1, H, W);
+        for (i64 t = 0; t < L; t++) { k2[t] = src[L - 1 - t]; k3[t] = k1[L - 1 - t]; }
+    }
+    return 0;
+}
+
+int cmdb_cross_fold(i64 lo, i64 hi, i64 D, i64 H, i64 W, const float *ys, float *y) {
+    const i64 L = H * W;
+    float *cols = (float *)malloc(sizeof(float) * (size_t)(L > 0 ? L : 1));
+    if (!cols) return -1;
+    for (i64 unit = lo; unit < hi; unit++) {
+        const i64 b = unit / D, d = unit % D;
+        const float *k0 = ys + ((b * 4 + 0) * D + d) * L, *k1 = ys + ((b * 4 + 1) * D + d) * L;
+        const float *k2 = ys + ((b * 4 + 2) * D + d) * L, *k3 = ys + ((b * 4 + 3) * D + d) * L;
+        float *dst = y + unit * L;
+        for (i64 t = 0; t < L; t++) cols[t] = k1[t] + k3[L - 1 - t];  /* column-major order */
+        transpose_plane(cols, dst, W, H);
+        for (i64 t = 0; t < L; t++) dst[t] += k0[t] + k2[L - 1 - t];
+    }
+    free(cols);
+    return 0;
+}

@@ -30,7 +30,7 @@ import torch
 from cmdbnet.models.scan.buffers import worker_pool
 from cmdbnet.models.scan.chunked import KEEP_ALL_MAX_N
 
-__all__ = ["NativeScan", "CACHE_ENV", "library", "library_error", "library_path"]
+__all__ = ["NativeScan", "CrossScan", "CrossMerge", "CACHE_ENV", "library", "library_error", "library_path"]
 
 CACHE_ENV = "CMDB_CACHE_DIR"
 _SOURCE = Path(__file__).with_name("native.c")
@@ -120,7 +120,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     except (OSError, subprocess.SubprocessError) as exc:
         return None, str(exc)
     lib.cmdb_scan_fwd.argtypes, lib.cmdb_scan_bwd.argtypes = _FWD_ARGS, _BWD_ARGS
-    lib.cmdb_scan_fwd.restype = lib.cmdb_scan_bwd.restype = ctypes.c_int
+    lib.cmdb_cross_expand.argtypes = lib.cmdb_cross_fold.argtypes = [_I] * 5 + [_P] * 2
+    for fn in (lib.cmdb_scan_fwd, lib.cmdb_scan_bwd, lib.cmdb_cross_expand, lib.cmdb_cross_fold):
+        fn.restype = ctypes.c_int
     return lib, ""
 
 
@@ -196,3 +198,46 @@ class NativeScan(torch.autograd.Function):
              _ptr(gout), _ptr(glast), *map(_ptr, (gu, gdelta, gA, gB, gC, gD, gz, gbias, dt, h)))
         sums = [None if t is None else t.sum(0) for t in (gA, gD, gbias)]
         return gu, gdelta, sums[0], gB, gC, sums[1], gz, sums[2], None
+
+
+def _expand(x: torch.Tensor) -> torch.Tensor:
+    """(B, D, H, W) -> (B, 4, D, H*W) in the four scan orders."""
+    b, d, h, w = x.shape
+    xs = x.new_empty((b, 4, d, h * w))
+    _run(library().cmdb_cross_expand, b * d, d, h, w, x.data_ptr(), xs.data_ptr())
+    return xs
+
+
+def _fold(ys: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, 4, D, H*W) in the four scan orders -> their sum (B, D, H, W) in row-major order."""
+    b, _, d, _ = ys.shape
+    y = ys.new_empty((b, d, h, w))
+    _run(library().cmdb_cross_fold, b * d, d, h, w, ys.data_ptr(), y.data_ptr())
+    return y
+
+
+class CrossScan(torch.autograd.Function):
+    """SS2D's cross-scan on CPU fp32: (B, D, H, W) -> (B, 4, D, H*W); backward is the cross-merge."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.hw = x.shape[-2:]
+        return _expand(x.contiguous())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        return _fold(g.contiguous(), *ctx.hw)
+
+
+class CrossMerge(torch.autograd.Function):
+    """SS2D's cross-merge on CPU fp32: (B, 4, D, H*W) -> (B, D, H, W); backward is the cross-scan."""
+
+    @staticmethod
+    def forward(ctx, ys, h, w):
+        return _fold(ys.contiguous(), h, w)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        return _expand(g.contiguous()), None, None
