@@ -5,7 +5,7 @@ answer relative to what a user would otherwise train, on the same machine, in th
 process, under the same load. Rounds alternate (ours, U-Net, ours, ...) so a load spike
 from another process hits both, and medians discard the odd slow round.
 
-One step = forward, loss, backward, AdamW step, fp32 on CPU. Then the inference forward
+One step = forward, loss, backward, fused AdamW step (as `cmdb train` runs it, for both), fp32 on CPU. Then the inference forward
 (eval mode, batch 4 of 512 x 512 by default; ours under inference_mode as ``cmdb predict``
 runs it, the U-Net under no_grad), alternating the same way. Our loss includes the auxiliary
 and boundary terms, as in training; the U-Net's is cross-entropy on its one output.
@@ -89,6 +89,12 @@ class UNetResNet34(nn.Module):
         return self.head(y)
 
 
+def _adamw(net: nn.Module) -> torch.optim.Optimizer:
+    """AdamW fused, as ``cmdb train`` builds it, for both networks alike: the comparison is
+    between networks, not optimizer settings."""
+    return torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
+
+
 def _our_loss(out, labels):
     loss = F.cross_entropy(out["seg"], labels)
     for aux in out["aux"]:
@@ -167,8 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     x = torch.randn(args.batch, 3, args.crop, args.crop, generator=g)
     y = torch.randint(0, 6, (args.batch, args.crop, args.crop), generator=g)
     runs = {
-        "ours": (ours, torch.optim.AdamW(ours.parameters(), lr=1e-4), _our_loss),
-        "unet": (unet, torch.optim.AdamW(unet.parameters(), lr=1e-4), lambda out, lab: F.cross_entropy(out, lab)),
+        "ours": (ours, _adamw(ours), _our_loss),
+        "unet": (unet, _adamw(unet), lambda out, lab: F.cross_entropy(out, lab)),
     }
     if args.scan_share:
         torch.manual_seed(0)
@@ -176,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         for module in free.modules():
             if isinstance(getattr(module, "scan", None), SelectiveScan):
                 module.scan = _FreeScan()
-        runs["free"] = (free, torch.optim.AdamW(free.parameters(), lr=1e-4), _our_loss)
+        runs["free"] = (free, _adamw(free), _our_loss)
     times: dict[str, list[float]] = {k: [] for k in runs}
     cpu: dict[str, list[float]] = {k: [] for k in runs}
     for r in range(args.warmup + args.rounds):
