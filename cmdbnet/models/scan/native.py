@@ -147,15 +147,18 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _run(fn, units: int, *args) -> None:
-    """``fn(lo, hi, *args)`` over (batch, group) units split among torch's intra-op threads.
+    """``fn(lo, hi, *args)`` over units (sequences or planes) shared by torch's intra-op threads.
 
     ctypes releases the GIL for the call, so the pool's threads run the C code side by side.
+    The units go out in a few slices per thread, taken as threads come free: when another
+    process holds a core, the other threads take over its share instead of waiting for it.
     """
     workers = max(1, min(units, torch.get_num_threads()))
-    bounds = [units * i // workers for i in range(workers + 1)]
     if workers == 1:
         codes = [fn(0, units, *args)]
     else:
+        slices = min(units, 4 * workers)
+        bounds = [units * i // slices for i in range(slices + 1)]
         pool = worker_pool(workers, os.getpid())
         codes = [f.result() for f in [pool.submit(fn, lo, hi, *args) for lo, hi in zip(bounds, bounds[1:])]]
     if any(codes):
