@@ -26,6 +26,7 @@ from cmdbnet.inference.preview import save_preview
 from cmdbnet.models import build_model
 from cmdbnet.runtime import pick_device, resolve_precision
 from cmdbnet.settings import PredictSettings, Settings, load_settings
+from cmdbnet.training.optim import build_optimizer
 
 DATASET = "potsdam"
 
@@ -45,7 +46,7 @@ def _step_seconds(settings: Settings, device: torch.device) -> float:
     """Time two training steps of the demo network, to size its schedule to the time budget."""
     model_cfg = settings.model.model_copy(update={"num_classes": 6, "in_channels": 3})
     net = build_model(model_cfg).to(device).train()
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    opt = build_optimizer(net, settings.train)  # as training builds it (fused)
     x = torch.randn(settings.train.batch, 3, settings.data.crop, settings.data.crop, device=device)
     y = torch.randint(0, 6, (settings.train.batch, settings.data.crop, settings.data.crop), device=device)
     times = []
