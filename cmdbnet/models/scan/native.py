@@ -8,6 +8,9 @@ and CPU into the user cache (``$CMDB_CACHE_DIR`` or ``~/.cache/cmdbnet``), writt
 temporary name and renamed, so concurrent ranks or a killed build never leave a broken file.
 Where no compiler works the dispatcher falls back to the torch scan, once, with a warning.
 
+The same library does SS2D's cross-scan and cross-merge (:class:`CrossScan`, :class:`CrossMerge`):
+pure data movement, one pass each where torch needs stacks, flips, transposes and adds.
+
 At d_state <= KEEP_ALL_MAX_N forward keeps each sequence's dt and states for backward (as the
 torch scan keeps its states), which saves backward the softplus and the recurrence; above it
 backward recomputes them from the inputs.
