@@ -42,27 +42,5 @@ class BoundaryRefinement(nn.Module):
         edge = self.edge(torch.cat([low, self.reduce(fused)], dim=1))
         logits = pointwise(self.logits, edge)
         attention = torch.sigmoid(logits)
-        refined = _Refine.apply(fused, attention, pointwise(self.inject, edge))  # fused * (1 + a) + edge features
+        refined = torch.addcmul(fused + pointwise(self.inject, edge), fused, attention)  # fused * (1 + a) + edge
         return refined, logits
-
-
-class _Refine(torch.autograd.Function):
-    """``addcmul(fused + injected, fused, attention)`` with a hand-written backward.
-
-    Why: autograd's addcmul backward makes a full-size product per input plus a scaling pass
-    and one more to sum the two gradients reaching ``fused``; here ``fused`` gets
-    ``g * (1 + a)`` in one pass, ``attention`` the channel sum of ``g * fused``, and
-    ``injected`` ``g`` itself.
-    """
-
-    @staticmethod
-    def forward(ctx, fused: torch.Tensor, attention: torch.Tensor, injected: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(fused, attention)
-        return torch.add(injected, fused).addcmul_(fused, attention)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        fused, attention = ctx.saved_tensors
-        grad_fused = torch.addcmul(grad, grad, attention) if ctx.needs_input_grad[0] else None
-        grad_attention = (grad * fused).sum(1, keepdim=True) if ctx.needs_input_grad[1] else None
-        return grad_fused, grad_attention, grad

@@ -37,7 +37,7 @@ def pointwise(conv: nn.Conv2d, x: torch.Tensor, channel_scale: torch.Tensor | No
     Dropout2d mask) without materialising the scaled map. Anything else (another device, a
     channels-last or strided map, a kernel that is not a plain 1x1) goes through ``conv``.
     """
-    if x.device.type != "cpu" or x.dim() != 4 or not x.is_contiguous() or not _plain_1x1(conv):
+    if x.dim() != 4 or not _eager_cpu_nchw(x) or not _plain_1x1(conv):
         return conv(x * channel_scale if channel_scale is not None else x)
     b, _, h, w = x.shape
     weight = conv.weight.flatten(1)
@@ -47,6 +47,12 @@ def pointwise(conv: nn.Conv2d, x: torch.Tensor, channel_scale: torch.Tensor | No
     else:
         y = torch.baddbmm(conv.bias.unsqueeze(-1), weight, x.flatten(2))
     return y.view(b, -1, h, w)
+
+
+def _eager_cpu_nchw(x: torch.Tensor) -> bool:
+    """Where the CPU fast paths of this module apply: NCHW-contiguous CPU maps, outside
+    torch.compile (which fuses the plain ops itself and cannot trace the hand-written ones)."""
+    return x.device.type == "cpu" and x.is_contiguous() and not torch.compiler.is_compiling()
 
 
 def _plain_1x1(conv: nn.Conv2d) -> bool:
@@ -68,7 +74,7 @@ class ConvBNReLU(nn.Sequential):
 
 def _up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     size = tuple(like.shape[-2:])
-    if x.device.type == "cpu" and x.is_contiguous() and size == (2 * x.shape[-2], 2 * x.shape[-1]):
+    if _eager_cpu_nchw(x) and size == (2 * x.shape[-2], 2 * x.shape[-1]):
         return _Up2x.apply(x)
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
@@ -172,7 +178,7 @@ class CrossAttention(nn.Module):
         tokens = _pool(other, self.pool).flatten(2).transpose(1, 2)                     # (B, P, w)
         k, v = self.kv(self.norm(tokens)).chunk(2, dim=-1)
         split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)            # noqa: E731
-        if x.device.type != "cpu" or not x.is_contiguous():
+        if not _eager_cpu_nchw(x):
             q = self.q(x).flatten(2).transpose(1, 2)                                   # (B, HW, dim)
             o = F.scaled_dot_product_attention(split(q), split(k), split(v))           # (B, h, HW, d)
             o = o.transpose(1, 2).flatten(2).transpose(1, 2).reshape(b, -1, h, w)

@@ -11,10 +11,12 @@ import torch.nn.functional as F
 import torchvision
 
 from cmdbnet.errors import CmdbError, ConfigError
-from cmdbnet.models import CMDBNet, build_model
+from cmdbnet.models import CMDBNet, build_model, fusion, vss
 from cmdbnet.models.cnn import hub_weights_file
+from cmdbnet.models.scan import native
 from cmdbnet.models.vss import SS2D, DropPath, _cross_merge, _cross_scan
 from cmdbnet.settings import ModelSettings, load_settings
+from memory_recipes import TINY_MODEL
 
 VARIANTS = ["full", "cnn_only", "mamba_only", "no_fusion", "no_boundary"]
 
@@ -293,3 +295,25 @@ def test_missing_pretrained_weights(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="random init.*resnet18-f37072fd.pth"):
         net = build(small(pretrained="auto"))
     assert net.cnn.weights_source == "random"
+
+
+def test_hand_written_cpu_paths_step_aside_under_torch_compile(monkeypatch):
+    """``cmdb predict --compile``: dynamo cannot trace the C scan layouts or the exact 2x
+    upsampling's strided writes, so while compiling the network must take the plain torch ops
+    (a real compile of the tiny network takes minutes on a small CPU cold; run by hand)."""
+    torch.manual_seed(0)
+    net = build_model(load_settings(None, {"model": TINY_MODEL}).model).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        eager = net(x)["seg"]
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("a hand-written CPU path ran while compiling")
+
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        for owner, name in ((fusion._Up2x, "apply"), (native.CrossScan, "apply"), (native.CrossMerge, "apply"),
+                            (torch, "bmm"), (torch, "baddbmm")):
+            monkeypatch.setattr(owner, name, refuse)
+        plain = net(x.contiguous())["seg"]  # NCHW input too, where the fast paths would apply
+    assert vss._native_layout(x) is False
+    assert (plain - eager).abs().max() <= 1e-5 * eager.abs().max()
