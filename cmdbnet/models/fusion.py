@@ -40,13 +40,17 @@ def pointwise(conv: nn.Conv2d, x: torch.Tensor, channel_scale: torch.Tensor | No
     if x.dim() != 4 or not _eager_cpu_nchw(x) or not _plain_1x1(conv):
         return conv(x * channel_scale if channel_scale is not None else x)
     b, _, h, w = x.shape
+    return _channel_matmul(conv, x.flatten(2), channel_scale).view(b, -1, h, w)
+
+
+def _channel_matmul(conv: nn.Conv2d, x: torch.Tensor, channel_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """A 1x1 ``conv`` applied to x (B, in, N), any strides, as one batched matmul: (B, out, N)."""
     weight = conv.weight.flatten(1)
-    weight = weight * channel_scale.flatten(1).unsqueeze(1) if channel_scale is not None else weight.expand(b, -1, -1)
+    weight = (weight * channel_scale.flatten(1).unsqueeze(1) if channel_scale is not None
+              else weight.expand(x.shape[0], -1, -1))
     if conv.bias is None:
-        y = torch.bmm(weight, x.flatten(2))
-    else:
-        y = torch.baddbmm(conv.bias.unsqueeze(-1), weight, x.flatten(2))
-    return y.view(b, -1, h, w)
+        return torch.bmm(weight, x)
+    return torch.baddbmm(conv.bias.unsqueeze(-1), weight, x)
 
 
 def _eager_cpu_nchw(x: torch.Tensor) -> bool:
@@ -188,8 +192,7 @@ class CrossAttention(nn.Module):
         q = torch.bmm(x.flatten(2).transpose(1, 2), self.q.weight.flatten(1).t().expand(b, -1, -1))
         o = F.scaled_dot_product_attention(split(q), split(k), split(v))               # (B, h, HW, d)
         o = o.transpose(1, 2).flatten(2)                       # (B, HW, dim), a view for one head
-        y = torch.baddbmm(self.proj.bias.unsqueeze(-1), self.proj.weight.flatten(1).expand(b, -1, -1), o.transpose(1, 2))
-        return x + self.scale * y.view(b, -1, h, w)
+        return x + self.scale * _channel_matmul(self.proj, o.transpose(1, 2)).view(b, -1, h, w)
 
 
 class GatedFusionStage(nn.Module):

@@ -88,19 +88,20 @@ static int work_alloc(Work *w, i64 L, i64 N) {
     return 0;
 }
 
-/* delta (+ bias), softplus: fills w->pre (before softplus) and w->dt, or points w->dt at the
- * steps forward kept. */
-static void load_delta(Work *w, const float *dl, float bias, int softplus, const float *kept, i64 L) {
+/* delta (+ bias) into w->pre (before softplus); returns the steps dt: ``kept`` when forward
+ * kept them, else w->dt filled with softplus(pre) or pre. */
+static const float *load_delta(Work *w, const float *dl, float bias, int softplus, const float *kept, i64 L) {
     for (i64 t = 0; t < L; t++) w->pre[t] = dl[t] + bias;
-    if (kept) w->dt = (float *)kept;
-    else if (softplus) for (i64 t = 0; t < L; t++) w->dt[t] = softplus_f(w->pre[t]);
+    if (kept) return kept;
+    if (softplus) for (i64 t = 0; t < L; t++) w->dt[t] = softplus_f(w->pre[t]);
     else memcpy(w->dt, w->pre, sizeof(float) * (size_t)L);
+    return w->dt;
 }
 
 /* The states h_t = exp(dt_t a) h_{t-1} + dt_t B_t u_t of one channel and one n, into h;
  * da gets the decays. Returns the last state. With h NULL, only the decays. */
-static float states(Work *w, const float *uu, const float *Bn, float a, float *h, i64 L) {
-    float *da = w->da, *bu = w->bu, *dt = w->dt;
+static float states(Work *w, const float *dt, const float *uu, const float *Bn, float a, float *h, i64 L) {
+    float *da = w->da, *bu = w->bu;
     if (!h) {  /* the states are known: only the decays are wanted */
         for (i64 t = 0; t < L; t++) da[t] = exp_f(dt[t] * a);
         return 0.f;
@@ -111,14 +112,12 @@ static float states(Work *w, const float *uu, const float *Bn, float a, float *h
     return s;
 }
 
-int cmdb_scan_fwd(i64 lo, i64 hi, i64 Bsz, i64 D, i64 L, i64 N, i64 G,
+int cmdb_scan_fwd(i64 lo, i64 hi, i64 D, i64 L, i64 N, i64 G,
                   const float *u, const float *delta, const float *A, const float *Bm, const float *Cm,
                   const float *Dv, const float *z, const float *bias, int softplus,
                   float *out, float *last, float *keep_dt, float *keep_h) {
-    (void)Bsz;
     Work w;
     if (work_alloc(&w, L, N)) return -1;
-    float *const scratch_dt = w.dt;
     const i64 dg = D / G;
     for (i64 unit = lo; unit < hi; unit++) {
         const i64 b = unit / G, g = unit % G;
@@ -126,15 +125,15 @@ int cmdb_scan_fwd(i64 lo, i64 hi, i64 Bsz, i64 D, i64 L, i64 N, i64 G,
             const i64 row = (b * D + d) * L;
             const float *uu = u + row;
             float *y = out + row;
-            load_delta(&w, delta + row, bias ? bias[d] : 0.f, softplus, NULL, L);
-            if (keep_dt) memcpy(keep_dt + row, w.dt, sizeof(float) * (size_t)L);
+            const float *dt = load_delta(&w, delta + row, bias ? bias[d] : 0.f, softplus, NULL, L);
+            if (keep_dt) memcpy(keep_dt + row, dt, sizeof(float) * (size_t)L);
             const float dd = Dv ? Dv[d] : 0.f;
             for (i64 t = 0; t < L; t++) y[t] = dd * uu[t];
             for (i64 n = 0; n < N; n++) {
                 const float *Bn = Bm + ((b * G + g) * N + n) * L, *Cn = Cm + ((b * G + g) * N + n) * L;
                 /* one n at a time: only this n's states are needed, unless backward keeps them */
                 float *h = keep_h ? keep_h + ((b * D + d) * N + n) * L : w.h;
-                float s = states(&w, uu, Bn, A[d * N + n], h, L);
+                float s = states(&w, dt, uu, Bn, A[d * N + n], h, L);
                 for (i64 t = 0; t < L; t++) y[t] += h[t] * Cn[t];
                 if (last) last[(b * D + d) * N + n] = s;
             }
@@ -144,22 +143,20 @@ int cmdb_scan_fwd(i64 lo, i64 hi, i64 Bsz, i64 D, i64 L, i64 N, i64 G,
             }
         }
     }
-    free(scratch_dt);
+    free(w.dt);
     return 0;
 }
 
 /* Gradients of one call. gu, gdelta, gz, gB, gC are written (gB, gC zeroed per unit here);
  * gA, gD, gbias get this batch row's sums (the caller adds the rows up). */
-int cmdb_scan_bwd(i64 lo, i64 hi, i64 Bsz, i64 D, i64 L, i64 N, i64 G,
+int cmdb_scan_bwd(i64 lo, i64 hi, i64 D, i64 L, i64 N, i64 G,
                   const float *u, const float *delta, const float *A, const float *Bm, const float *Cm,
                   const float *Dv, const float *z, const float *bias, int softplus,
                   const float *gout, const float *glast,
                   float *gu, float *gdelta, float *gA, float *gB, float *gC, float *gD, float *gz,
                   float *gbias, const float *kept_dt, const float *kept_h) {
-    (void)Bsz;
     Work w;
     if (work_alloc(&w, L, N)) return -1;
-    float *const scratch_dt = w.dt;
     const i64 dg = D / G;
     for (i64 unit = lo; unit < hi; unit++) {
         const i64 b = unit / G, g = unit % G;
@@ -169,8 +166,9 @@ int cmdb_scan_bwd(i64 lo, i64 hi, i64 Bsz, i64 D, i64 L, i64 N, i64 G,
             const i64 row = (b * D + d) * L;
             const float *uu = u + row, *go = gout + row;
             const float dd = Dv ? Dv[d] : 0.f;
-            load_delta(&w, delta + row, bias ? bias[d] : 0.f, softplus, kept_dt ? kept_dt + row : NULL, L);
-            float *gy = w.gy, *gh = w.gh, *gdt = w.gdt, *dt = w.dt, *da = w.da;
+            const float *dt = load_delta(&w, delta + row, bias ? bias[d] : 0.f, softplus,
+                                         kept_dt ? kept_dt + row : NULL, L);
+            float *gy = w.gy, *gh = w.gh, *gdt = w.gdt, *da = w.da;
             /* gy: the gradient reaching y before the gate; the gate's own gradient needs y. */
             if (z) {
                 const float *zz = z + row;
@@ -179,7 +177,7 @@ int cmdb_scan_bwd(i64 lo, i64 hi, i64 Bsz, i64 D, i64 L, i64 N, i64 G,
                 for (i64 n = 0; n < N; n++) {
                     const i64 bn = ((b * G + g) * N + n) * L;
                     const float *h = kept_h ? kept_h + ((b * D + d) * N + n) * L : w.h;
-                    if (!kept_h) states(&w, uu, Bm + bn, A[d * N + n], w.h, L);
+                    if (!kept_h) states(&w, dt, uu, Bm + bn, A[d * N + n], w.h, L);
                     for (i64 t = 0; t < L; t++) gzz[t] += h[t] * Cm[bn + t];
                 }
                 for (i64 t = 0; t < L; t++) {
@@ -197,7 +195,7 @@ int cmdb_scan_bwd(i64 lo, i64 hi, i64 Bsz, i64 D, i64 L, i64 N, i64 G,
                 const i64 bn = ((b * G + g) * N + n) * L;
                 const float *Bn = Bm + bn, *Cn = Cm + bn, a = A[d * N + n];
                 float *h = kept_h ? (float *)kept_h + ((b * D + d) * N + n) * L : w.h;
-                states(&w, uu, Bn, a, kept_h ? NULL : h, L);
+                states(&w, dt, uu, Bn, a, kept_h ? NULL : h, L);
                 /* Reverse-time: gh_t = gy_t C_t + exp(dt_{t+1} a) gh_{t+1}, the only dependent loop. */
                 float s = glast ? glast[(b * D + d) * N + n] : 0.f;
                 for (i64 t = L - 1; t >= 0; t--) {
@@ -226,7 +224,7 @@ int cmdb_scan_bwd(i64 lo, i64 hi, i64 Bsz, i64 D, i64 L, i64 N, i64 G,
             if (gbias) gbias[b * D + d] = (float)sum_f(gdl, L);
         }
     }
-    free(scratch_dt);
+    free(w.dt);
     return 0;
 }
 

@@ -43,8 +43,8 @@ _SOURCE = Path(__file__).with_name("native.c")
 _FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared")
 _TUNINGS = (("-march=native",), ())
 _P, _I = ctypes.c_void_p, ctypes.c_int64
-_FWD_ARGS = [_I] * 7 + [_P] * 8 + [ctypes.c_int] + [_P] * 4
-_BWD_ARGS = [_I] * 7 + [_P] * 8 + [ctypes.c_int] + [_P] * 12
+_FWD_ARGS = [_I] * 6 + [_P] * 8 + [ctypes.c_int] + [_P] * 4
+_BWD_ARGS = [_I] * 6 + [_P] * 8 + [ctypes.c_int] + [_P] * 12
 
 
 def _cpu_signature() -> str:
@@ -102,18 +102,18 @@ def _built(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256("\0".join([_SOURCE.read_text(), *_FLAGS, version, _cpu_signature()]).encode())
     name = f"scan-{key.hexdigest()[:16]}.so"
-    for folder in _cache_dirs():
-        if (folder / name).is_file():
-            return folder / name
-    first, *rest = _cache_dirs()
+    cache, fallback = (folder / name for folder in _cache_dirs())
+    for path in (cache, fallback):
+        if path.is_file():
+            return path
     try:
-        _build(cc, first / name)
-        return first / name
+        _build(cc, cache)
+        return cache
     except CompileError:
         raise
     except OSError:  # the cache folder cannot be written
-        _build(cc, rest[0] / name)
-        return rest[0] / name
+        _build(cc, fallback)
+        return fallback
 
 
 @functools.cache
@@ -180,7 +180,7 @@ class NativeScan(torch.autograd.Function):
         out, last = u.new_empty((b, d, l)), u.new_empty((b, d, n))
         keep = any(ctx.needs_input_grad) and n <= KEEP_ALL_MAX_N
         dt, h = (u.new_empty((b, d, l)), u.new_empty((b, d, n, l))) if keep else (None, None)
-        _run(lib.cmdb_scan_fwd, b * g, b, d, l, n, g, *map(_ptr, ins), int(delta_softplus), _ptr(out), _ptr(last),
+        _run(lib.cmdb_scan_fwd, b * g, d, l, n, g, *map(_ptr, ins), int(delta_softplus), _ptr(out), _ptr(last),
              _ptr(dt), _ptr(h))
         ctx.save_for_backward(*ins, dt, h)
         ctx.delta_softplus = delta_softplus
@@ -200,7 +200,7 @@ class NativeScan(torch.autograd.Function):
         gA = u.new_empty((b, d, n))
         gD = None if D is None else u.new_empty((b, d))
         gbias = None if delta_bias is None else u.new_empty((b, d))
-        _run(library().cmdb_scan_bwd, b * g, b, d, l, n, g, *map(_ptr, ins), int(ctx.delta_softplus),
+        _run(library().cmdb_scan_bwd, b * g, d, l, n, g, *map(_ptr, ins), int(ctx.delta_softplus),
              _ptr(gout), _ptr(glast), *map(_ptr, (gu, gdelta, gA, gB, gC, gD, gz, gbias, dt, h)))
         sums = [None if t is None else t.sum(0) for t in (gA, gD, gbias)]
         return gu, gdelta, sums[0], gB, gC, sums[1], gz, sums[2], None
