@@ -5,7 +5,7 @@ the autograd profiler. Forward: every labelled module (and the cross-scan / cros
 functions of each SS2D) is a ``record_function`` range and keeps its self time (its time less
 that of labelled ranges inside it). Backward: each autograd node is charged to the label of the
 forward op that created it (matched by sequence number). FLOPs: ``FlopCounterMode`` per
-module, plus ``scan_macs`` for the scans, forward only (backward costs about twice as much in
+module, plus ``SelectiveScan.macs`` for the scans, forward only (backward costs about twice as much in
 the same proportions). Profiling adds a few us per op, so shares, not absolute times, are the
 figure.
 """
@@ -22,7 +22,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from cmdbnet.models import vss
-from cmdbnet.models.scan import scan_macs
 
 _PREFIX = "bd::"
 _BWD = "autograd::engine::evaluate_function: "
@@ -135,8 +134,8 @@ def flop_shares(model, x) -> dict[str, float]:
     root = type(model).__name__
     names = {f"{root}.{fqn}": label_of(fqn) for fqn, _ in model.named_modules() if label_of(fqn)}
     scans: list[tuple[str, int]] = []
-    hooks = [m.register_forward_hook(lambda m, a, o, lab=label_of(fqn): scans.append(
-        (lab, scan_macs(*a[0].shape, a[2].shape[1], has_z=False, has_D=a[5] is not None))))
+    hooks = [m.register_forward_hook(lambda m, a, kw, o, lab=label_of(fqn): scans.append((lab, m.macs(a, kw))),
+                                     with_kwargs=True)
              for fqn, m in model.named_modules() if isinstance(m, vss.SelectiveScan)]
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x)

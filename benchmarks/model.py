@@ -120,8 +120,8 @@ def _step(model, opt, loss_fn, x, y) -> tuple[float, float]:
 class _FreeScan(nn.Module):
     """Stand-in for the selective scan at almost no cost: measures how much of a step the scan is."""
 
-    def forward(self, u, delta, A, B, C, D, delta_bias):  # noqa: N803
-        return u * delta
+    def forward(self, u, delta, A, B, C, D, delta_bias, plane=None):  # noqa: N803
+        return u * (delta.sum(0) if plane is not None else delta)  # the plane form's delta is (K, B, L, D)
 
 
 def _breakdown(args, overrides) -> None:

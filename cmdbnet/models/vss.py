@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from cmdbnet.models.scan import resolve_backend, selective_scan
-from cmdbnet.models.scan.native import CrossMerge, CrossScan
+from cmdbnet.models.scan import resolve_backend, scan_macs, selective_scan
+from cmdbnet.models.scan.native import PlaneScan
 
 __all__ = ["SS2D", "VSSBlock", "MambaEncoder", "SelectiveScan", "DropPath"]
 
@@ -42,33 +42,56 @@ class DropPath(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
+        return x * self._keep(x)
+
+    def add(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``residual + self(x)`` as one pass over the map (addcmul), forward and backward."""
+        if not self.training or self.p == 0.0:
+            return residual + x
+        return torch.addcmul(residual, x, self._keep(x))
+
+    def _keep(self, x: torch.Tensor) -> torch.Tensor:
         keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
-        return x * keep.div_(1.0 - self.p)  # scale the (B, 1, 1, 1) mask, not the activations
+        return keep.div_(1.0 - self.p)  # scale the (B, 1, 1, 1) mask, not the activations
 
 
 class SelectiveScan(nn.Module):
     """The scan as a module: complexity counting hooks it (FLOP counters cannot see inside).
 
+    Two call forms. ``(u, delta, A, B, C, D, delta_bias)`` in selective_scan's layout, one
+    sequence per channel; with ``plane=(h, w)`` SS2D's four orders of a channels-last plane at
+    once, merged (:class:`PlaneScan`'s layout), where the C library runs (see ``_plane_scan``).
     Opaque to torch.compile: tracing the torch backend would unroll its time loop and its
     worker threads into the graph (minutes of compile for nothing); the rest compiles around it.
     """
 
     @torch.compiler.disable
-    def forward(self, u, delta, A, B, C, D, delta_bias):  # noqa: N803
+    def forward(self, u, delta, A, B, C, D, delta_bias, plane=None):  # noqa: N803
+        if plane is not None:
+            return PlaneScan.apply(u, delta, A, B, C, D, delta_bias, *plane)
         return selective_scan(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=True)
 
+    @staticmethod
+    def macs(args, kwargs=None) -> int:
+        """Multiply-adds of one call with these arguments (``scan_macs``), either call form."""
+        u, _delta, A, _B, _C, D = args[:6]  # noqa: N806
+        if (kwargs or {}).get("plane") is not None:
+            b, l, d = u.shape  # noqa: E741
+            d *= SS2D.K
+        else:
+            b, d, l = u.shape  # noqa: E741
+        return scan_macs(b, d, l, A.shape[1], has_z=False, has_D=D is not None)
 
-def _native_layout(t: torch.Tensor) -> bool:
-    """Whether the C library does the cross-scan and merge: where it runs the scan (CPU fp32),
-    outside torch.compile (which fuses the torch versions itself)."""
+
+def _plane_scan(t: torch.Tensor) -> bool:
+    """Whether SS2D runs its scan position-major through the C library: where that library runs
+    the scan (CPU fp32, backend native), outside torch.compile (which needs the torch ops)."""
     return (t.device.type == "cpu" and t.dtype == torch.float32 and not torch.compiler.is_compiling()
             and resolve_backend(t.device) == "native")
 
 
 def _cross_scan(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, 4, C, H*W): row-major, column-major, and both reversed."""
-    if _native_layout(x):
-        return CrossScan.apply(x)
     rows = x.flatten(2)
     cols = x.transpose(2, 3).flatten(2)
     return torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)
@@ -76,8 +99,6 @@ def _cross_scan(x: torch.Tensor) -> torch.Tensor:
 
 def _cross_merge(y: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """(B, 4, C, H*W) -> (B, C, H*W) in row-major order: undo each scan order and sum."""
-    if _native_layout(y):
-        return CrossMerge.apply(y, h, w).flatten(2)
     y = y[:, :2] + y[:, 2:].flip(-1)
     b, _, c, _ = y.shape
     cols = y[:, 1].view(b, c, w, h).transpose(2, 3).reshape(b, c, h * w)
@@ -131,20 +152,41 @@ class SS2D(nn.Module):
         if self.gate:
             xz, z = xz.chunk(2, dim=-1)
         u = self.act(self.conv2d(xz.permute(0, 3, 1, 2)))            # (B, D, H, W)
+        y = self._scan_plane(u) if _plane_scan(u) else self._scan_orders(u)  # (B, H, W, D)
+        y = self.out_norm(y)
+        if self.gate:
+            y = y * F.silu(z)
+        return self.out_proj(y)
+
+    def _scan_orders(self, u: torch.Tensor) -> torch.Tensor:
+        """The four orders as four reordered copies (B, K, D, L), one scan call, then the merge."""
+        b, _, h, w = u.shape
+        L = h * w
         xs = _cross_scan(u)                                          # (B, K, D, L)
         # Plain broadcast matmuls, not einsum: (K, c, D) @ (B, K, D, L) runs as one bmm over
         # B*K with no permuted copy of the large (B, K, D, L) operand.
         x_dbl = torch.matmul(self.x_proj_weight, xs)                 # (B, K, R + 2N, L)
         dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
         dts = torch.matmul(self.dt_projs_weight, dts)                # (B, K, D, L)
-        L = h * w
         ys = self.scan(xs.view(b, -1, L), dts.view(b, -1, L), -torch.exp(self.A_logs.float()),
                        Bs, Cs, self.Ds.float(), self.dt_projs_bias.float())
         y = _cross_merge(ys.view(b, self.K, self.d_inner, L), h, w)  # (B, D, L)
-        y = self.out_norm(y.transpose(1, 2).reshape(b, h, w, self.d_inner))
-        if self.gate:
-            y = y * F.silu(z)
-        return self.out_proj(y)
+        return y.transpose(1, 2).reshape(b, h, w, self.d_inner)
+
+    def _scan_plane(self, u: torch.Tensor) -> torch.Tensor:
+        """The same, position-major on the channels-last plane: the projections are per position,
+        so they run once over the plane for all four orders, and the scan visits the positions in
+        each order itself (:class:`PlaneScan`): no reordered copies, no merge."""
+        b, d, h, w = u.shape
+        k, r, n, L = self.K, self.dt_rank, self.d_state, h * w
+        ul = u.permute(0, 2, 3, 1).reshape(b, L, d)                  # a view when u is channels-last
+        x_dbl = F.linear(ul, self.x_proj_weight.view(-1, d)).view(b, L, k, r + 2 * n)
+        dts, Bs, Cs = torch.split(x_dbl, [r, n, n], dim=3)
+        # (K, B*L, R) @ (K, R, D): each order's dt projection, batched over orders, read in place
+        delta = torch.bmm(dts.permute(2, 0, 1, 3).reshape(k, b * L, r), self.dt_projs_weight.transpose(1, 2))
+        y = self.scan(ul, delta.view(k, b, L, d), -torch.exp(self.A_logs.float()), Bs, Cs, self.Ds.float(),
+                      self.dt_projs_bias.float(), plane=(h, w))
+        return y.view(b, h, w, d)
 
 
 class VSSBlock(nn.Module):
@@ -165,9 +207,9 @@ class VSSBlock(nn.Module):
             self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.op(self.norm(x)))
+        x = self.drop_path.add(x, self.op(self.norm(x)))
         if self.mlp is not None:
-            x = x + self.drop_path(self.mlp(self.norm2(x)))
+            x = self.drop_path.add(x, self.mlp(self.norm2(x)))
         return x
 
 

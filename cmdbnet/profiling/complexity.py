@@ -18,7 +18,6 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from cmdbnet.errors import CmdbError
-from cmdbnet.models.scan import scan_macs
 from cmdbnet.models.vss import SelectiveScan
 
 __all__ = ["DESIGN_BUDGET", "MODULES", "count_complexity"]
@@ -59,13 +58,12 @@ def count_complexity(model: nn.Module, crop: int = 256, in_channels: int = 3, va
     scan_extra: dict[str, int] = {name: 0 for name in MODULES}
 
     def record(fqn: str):
-        def hook(_module, args, _out):
-            u, _delta, A, _B, _C, D, _bias = args  # noqa: N806
-            b, d, l = u.shape  # noqa: E741
-            scan_extra[_owner(fqn)] += scan_macs(b, d, l, A.shape[1], has_z=False, has_D=D is not None)
+        def hook(module, args, kwargs, _out):
+            scan_extra[_owner(fqn)] += module.macs(args, kwargs)
         return hook
 
-    handles = [m.register_forward_hook(record(fqn)) for fqn, m in model.named_modules() if isinstance(m, SelectiveScan)]
+    handles = [m.register_forward_hook(record(fqn), with_kwargs=True)
+               for fqn, m in model.named_modules() if isinstance(m, SelectiveScan)]
     was_training = model.training
     model.eval()
     try:

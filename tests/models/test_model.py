@@ -139,11 +139,16 @@ def test_drop_path_drops_whole_samples_and_rescales_the_rest():
     dp = DropPath(0.5).train()
     torch.manual_seed(0)
     x = torch.randn(64, 4, 4, 8)
+    state = torch.get_rng_state()
     y = dp(x)
     kept, dropped = (y != 0).flatten(1).all(1), (y == 0).flatten(1).all(1)
     assert (kept | dropped).all() and kept.any() and dropped.any()
     assert torch.allclose(y[kept], 2 * x[kept])
+    residual = torch.randn_like(x)
+    torch.set_rng_state(state)
+    torch.testing.assert_close(dp.add(residual, x), residual + y)  # the fused residual form, same draws
     assert dp.eval()(x) is x
+    assert torch.equal(dp.add(residual, x), residual + x)
 
 
 def test_variants_differ_in_the_fusion_module():
@@ -311,9 +316,9 @@ def test_hand_written_cpu_paths_step_aside_under_torch_compile(monkeypatch):
             raise AssertionError("a hand-written CPU path ran while compiling")
 
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-        for owner, name in ((fusion._Up2x, "apply"), (native.CrossScan, "apply"), (native.CrossMerge, "apply"),
+        for owner, name in ((fusion._Up2x, "apply"), (native.PlaneScan, "apply"),
                             (torch, "bmm"), (torch, "baddbmm")):
             monkeypatch.setattr(owner, name, refuse)
         plain = net(x.contiguous())["seg"]  # NCHW input too, where the fast paths would apply
-    assert vss._native_layout(x) is False
+    assert vss._plane_scan(x) is False
     assert (plain - eager).abs().max() <= 1e-5 * eager.abs().max()

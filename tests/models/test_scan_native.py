@@ -126,18 +126,40 @@ def test_an_unwritable_cache_builds_in_a_temporary_folder(fresh_build, monkeypat
     assert native.library_path().startswith(str(tmp_path / "tmp" / "cmdbnet-kernels-"))
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 2, 17, 33), (2, 4, 16, 16)])
-def test_c_cross_scan_and_merge_equal_the_torch_ones(monkeypatch, shape):
-    """Pure data movement: the C versions must give the torch versions' numbers bit for bit."""
-    b, c, h, w = shape
-    x = torch.randn(b, c, h, w, requires_grad=True)
-    ys = torch.randn(b, 4, c, h * w, requires_grad=True)
-    g_xs, g_y = torch.randn(b, 4, c, h * w), torch.randn(b, c, h * w)
-    results = {}
-    for backend in ("native", "torch"):
-        monkeypatch.setenv(scan.BACKEND_ENV, backend)
-        xs, y = vss._cross_scan(x), vss._cross_merge(ys, h, w)
-        grads = torch.autograd.grad([xs, y], [x, ys], [g_xs, g_y])
-        results[backend] = [xs, y, *grads]
-    assert xs.shape == (b, 4, c, h * w) and y.shape == (b, c, h * w)
-    assert all(torch.equal(a, r) for a, r in zip(results["native"], results["torch"]))
+def _ss2d_run(block: vss.SS2D, x: torch.Tensor, g: torch.Tensor) -> list[torch.Tensor]:
+    block.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    y = block(x)
+    y.backward(g)
+    return [y.detach(), x.grad] + [p.grad for p in block.parameters()]
+
+
+# (d_model, d_state, expand, gate, h, w): one block of lanes and several with a partial one,
+# kept states (d_state <= 2) and recomputed ones, the v0 gate, a one-row and a one-column plane.
+_PLANES = [(64, 1, 0.5, False, 8, 8), (40, 2, 1.0, False, 5, 7), (48, 16, 1.0, True, 6, 3),
+           (24, 1, 1.0, False, 1, 9), (80, 1, 1.0, False, 7, 1)]
+
+
+@pytest.mark.parametrize(("d_model", "d_state", "expand", "gate", "h", "w"), _PLANES)
+def test_plane_scan_equals_the_four_copies(monkeypatch, d_model, d_state, expand, gate, h, w):
+    """SS2D's position-major C scan against the cross-scan, torch scan and merge it replaces:
+    the output and every gradient, with decays, skips and biases away from their init."""
+    torch.manual_seed(0)
+    block = vss.SS2D(d_model, d_state=d_state, expand=expand, gate=gate)
+    with torch.no_grad():
+        block.A_logs.add_(0.3 * torch.randn_like(block.A_logs))
+        block.Ds.add_(0.5 * torch.randn_like(block.Ds))
+        block.dt_projs_bias.add_(torch.randn_like(block.dt_projs_bias))
+    x, g = torch.randn(2, h, w, d_model), torch.randn(2, h, w, d_model)
+    calls = []
+    monkeypatch.setattr(native.PlaneScan, "apply", lambda *a, f=native.PlaneScan.apply: calls.append(1) or f(*a))
+    monkeypatch.setenv(scan.BACKEND_ENV, "torch")
+    expected = _ss2d_run(block, x, g)
+    assert not calls
+    monkeypatch.setenv(scan.BACKEND_ENV, "native")
+    got = _ss2d_run(block, x, g)
+    assert len(calls) == 1
+    for a, e in zip(got, expected):
+        assert rel_err(a, e) < 2e-5
+    with torch.no_grad():  # nothing kept for a backward that will not come
+        assert rel_err(block(x), expected[0]) < 2e-5

@@ -33,7 +33,7 @@ import torch
 from cmdbnet.models.scan.buffers import worker_pool
 from cmdbnet.models.scan.chunked import KEEP_ALL_MAX_N
 
-__all__ = ["NativeScan", "CrossScan", "CrossMerge", "CACHE_ENV", "library", "library_error", "library_path"]
+__all__ = ["NativeScan", "PlaneScan", "CACHE_ENV", "library", "library_error", "library_path"]
 
 CACHE_ENV = "CMDB_CACHE_DIR"
 _SOURCE = Path(__file__).with_name("native.c")
@@ -123,8 +123,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     except (OSError, subprocess.SubprocessError) as exc:
         return None, str(exc)
     lib.cmdb_scan_fwd.argtypes, lib.cmdb_scan_bwd.argtypes = _FWD_ARGS, _BWD_ARGS
-    lib.cmdb_cross_expand.argtypes = lib.cmdb_cross_fold.argtypes = [_I] * 5 + [_P] * 2
-    for fn in (lib.cmdb_scan_fwd, lib.cmdb_scan_bwd, lib.cmdb_cross_expand, lib.cmdb_cross_fold):
+    lib.cmdb_xscan_fwd.argtypes = [_I] * 7 + [ctypes.c_int] + [_P] * 10
+    lib.cmdb_xscan_bwd.argtypes = [_I] * 7 + [ctypes.c_int] + [_P] * 17
+    for fn in (lib.cmdb_scan_fwd, lib.cmdb_scan_bwd, lib.cmdb_xscan_fwd, lib.cmdb_xscan_bwd):
         fn.restype = ctypes.c_int
     return lib, ""
 
@@ -206,44 +207,50 @@ class NativeScan(torch.autograd.Function):
         return gu, gdelta, sums[0], gB, gC, sums[1], gz, sums[2], None
 
 
-def _expand(x: torch.Tensor) -> torch.Tensor:
-    """(B, D, H, W) -> (B, 4, D, H*W) in the four scan orders."""
-    b, d, h, w = x.shape
-    xs = x.new_empty((b, 4, d, h * w))
-    _run(library().cmdb_cross_expand, b * d, d, h, w, x.data_ptr(), xs.data_ptr())
-    return xs
+class PlaneScan(torch.autograd.Function):
+    """SS2D's four-way scan of a channels-last plane, merged, on CPU fp32 (``cmdb_xscan_*``).
 
-
-def _fold(ys: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(B, 4, D, H*W) in the four scan orders -> their sum (B, D, H, W) in row-major order."""
-    b, _, d, _ = ys.shape
-    y = ys.new_empty((b, d, h, w))
-    _run(library().cmdb_cross_fold, b * d, d, h, w, ys.data_ptr(), y.data_ptr())
-    return y
-
-
-class CrossScan(torch.autograd.Function):
-    """SS2D's cross-scan on CPU fp32: (B, D, H, W) -> (B, 4, D, H*W); backward is the cross-merge."""
+    forward(u (B, L, D), delta (K, B, L, D), A (K*D, N), B and C (B, L, K, N), D and delta_bias
+    (K*D) or None, h, w, delta_softplus) -> y (B, L, D): the sum over the four scan orders of an
+    L = h * w plane of :func:`selective_scan` with each order's own A, B, C, D and bias, as SS2D's
+    cross-scan, scan and cross-merge compute it, without the four reordered copies.
+    """
 
     @staticmethod
-    def forward(ctx, x):
-        ctx.hw = x.shape[-2:]
-        return _expand(x.contiguous())
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        return _fold(g.contiguous(), *ctx.hw)
-
-
-class CrossMerge(torch.autograd.Function):
-    """SS2D's cross-merge on CPU fp32: (B, 4, D, H*W) -> (B, D, H, W); backward is the cross-scan."""
-
-    @staticmethod
-    def forward(ctx, ys, h, w):
-        return _fold(ys.contiguous(), h, w)
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, h, w, delta_softplus=True):  # noqa: N803
+        ins = [t if t is None else t.contiguous() for t in (u, delta, A, B, C, D, delta_bias)]
+        u, delta, A, B, C, D, delta_bias = ins
+        (b, l, d), n = u.shape, A.shape[1]
+        y = u.new_empty((b, l, d))
+        keep = any(ctx.needs_input_grad) and n <= KEEP_ALL_MAX_N
+        blocks = _blocks(d)  # kept in the C loop's own order: (K, B, blocks, L, [N,] lanes)
+        dt, states = (u.new_empty((_K, b, blocks, l, _LANES)), u.new_empty((_K, b, blocks, l, n, _LANES))
+                      ) if keep else (None, None)
+        _run(library().cmdb_xscan_fwd, b * _blocks(d), b, d, h, w, n, int(delta_softplus), *map(_ptr, ins),
+             _ptr(y), _ptr(dt), _ptr(states))
+        ctx.save_for_backward(*ins, dt, states)
+        ctx.hw, ctx.delta_softplus = (h, w), delta_softplus
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        return _expand(g.contiguous()), None, None
+    def backward(ctx, gy):
+        *ins, dt, states = ctx.saved_tensors
+        u, delta, A, B, C, D, delta_bias = ins
+        (b, _, d), n, blocks = u.shape, A.shape[1], _blocks(u.shape[2])
+        gu, gdelta = torch.empty_like(u), torch.empty_like(delta)
+        gA, gbias, gD = u.new_empty((b, _K * d, n)), u.new_empty((b, _K * d)), u.new_empty((b, d))
+        gB, gC = u.new_empty((blocks, *B.shape)), u.new_empty((blocks, *C.shape))
+        _run(library().cmdb_xscan_bwd, b * blocks, b, d, *ctx.hw, n, int(ctx.delta_softplus), *map(_ptr, ins),
+             _ptr(gy.contiguous()), _ptr(dt), _ptr(states), *map(_ptr, (gu, gdelta, gA, gB, gC, gD, gbias)))
+        gD = None if D is None else gD.sum(0).repeat(_K)
+        gbias = None if delta_bias is None else gbias.sum(0)
+        return gu, gdelta, gA.sum(0), gB.sum(0), gC.sum(0), gD, gbias, None, None, None
+
+
+_K = 4       # scan orders
+_LANES = 32  # channels per unit of work (XB in native.c)
+
+
+def _blocks(d: int) -> int:
+    return -(-d // _LANES)
