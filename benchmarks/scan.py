@@ -4,7 +4,8 @@
     python benchmarks/scan.py --quick    # reference at L=128, extrapolated linearly to 1024
     python benchmarks/scan.py --backend torch           # time the chunked torch scan instead of auto's
     python benchmarks/scan.py --network --before main   # the network's own scan calls: the C scan and
-                                                        # the torch scan now, the torch scan at a git ref
+                                                        # the torch scan now, the torch scan at a git ref;
+                                                        # then SS2D's whole scan path per stage
 
 The reference's backward grows faster than L (see main), so an extrapolated time flatters it
 and the speed-up target is judged only on the real run.
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cmdbnet.models.scan import BACKEND_ENV, override_function, resolve_backend, scan_macs, selective_scan  # noqa: E402
+from cmdbnet.models.vss import SS2D  # noqa: E402
 from cmdbnet.settings import ModelSettings  # noqa: E402
 
 SPEEDUP_TARGET = 50.0
@@ -182,6 +184,47 @@ def network_table(before: str | None, rounds: int) -> None:
     print(f"  load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
+def plane_table(rounds: int) -> None:
+    """SS2D's whole scan path per stage (x and dt projections, the four orders, the merge), forward
+    + backward: position-major in C (``_scan_plane``, what CPU training runs) against four
+    reordered copies through the C and the torch scan (``_scan_orders``), alternating."""
+    print(f"SS2D's scan path per stage (projections + four orders + merge), {rounds} alternating rounds, "
+          f"median per call, wall (process CPU)")
+    m = ModelSettings()
+    for i, dim in enumerate(m.mamba_dims):
+        torch.manual_seed(i)
+        block = SS2D(dim, d_state=m.d_state, expand=m.ssm_expand)
+        side = 256 // 2 ** (i + 2)
+        u = torch.randn(4, block.d_inner, side, side).contiguous(memory_format=torch.channels_last)
+        u.requires_grad_()
+        gout = torch.randn(4, side, side, block.d_inner)
+        runs = {"plane (C)": ("native", block._scan_plane), "orders, C scan": ("native", block._scan_orders),
+                "orders, torch scan": ("torch", block._scan_orders)}
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+        outs = {}
+        for r in range(rounds + 1):
+            for name, (env, fn) in runs.items():
+                with backend(env):
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    out = fn(u)
+                    grads = torch.autograd.grad(out, [u, *block.parameters()], gout, allow_unused=True)
+                    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                outs[name] = [out.detach(), *(g for g in grads if g is not None)]
+                if r:
+                    times[name].append((wall, cpu))
+        base = "orders, torch scan"
+        cells = []
+        for name in runs:
+            cell = f"{name} {_med(times[name])}"
+            if name != base:
+                err = max(((a - r).norm() / r.norm()).item() for a, r in zip(outs[name], outs[base]))
+                ratio = statistics.median(w for w, _ in times[base]) / statistics.median(w for w, _ in times[name])
+                cell += f" {ratio:.1f}x, diff {err:.1e}"
+            cells.append(cell)
+        print(f"  stage {i + 1} (4, {block.d_inner}, {side}, {side}): " + "; ".join(cells))
+    print(f"  load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+
+
 def _med(runs: list[tuple[float, float]]) -> str:
     return (f"{statistics.median(w for w, _ in runs) * 1e3:.1f} ms "
             f"(CPU {statistics.median(c for _, c in runs) * 1e3:.1f} ms)")
@@ -201,6 +244,7 @@ def main() -> int:
     os.environ[BACKEND_ENV] = args.backend
     if args.network:
         network_table(args.before, args.rounds)
+        plane_table(args.rounds)
         return 0
     ref_len = args.ref_length or (128 if args.quick else 1024)
     threads = len(os.sched_getaffinity(0))

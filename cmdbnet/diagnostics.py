@@ -69,5 +69,5 @@ def environment_report() -> dict:
         "scan_backend": {"cpu": _backend("cpu"), "cuda": _backend("cuda")},
         "optional": optional,
         "native_scan": {"ok": not status["native"], "library": scan.native_library_path(),
-                        "reason": status["native"] or None},
+                        "openmp": scan.native_uses_openmp(), "reason": status["native"] or None},
     }

@@ -42,6 +42,7 @@ def test_json_reports_versions_devices_and_backends(monkeypatch):
     assert len(report["devices"]) == 1 + (torch.cuda.device_count() if torch.cuda.is_available() else 0)
     assert report["scan_backend"] == {"cpu": "native", "cuda": "triton"}
     assert report["native_scan"]["ok"] and Path(report["native_scan"]["library"]).is_file()
+    assert report["native_scan"]["openmp"] is True  # gcc here has -fopenmp
     assert report["optional"]["triton"]["ok"] and report["optional"]["triton"]["version"]
     mamba = report["optional"]["mamba_ssm"]
     assert not mamba["ok"] and mamba["reason"].startswith(("ModuleNotFoundError", "ImportError"))

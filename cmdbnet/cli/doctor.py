@@ -59,7 +59,8 @@ def doctor(as_json: bool = JsonFlag) -> None:
     for dev, backend in report["scan_backend"].items():
         scans.add_row(dev, backend.split(":")[0], _WHY.get(backend, backend))
     native = report["native_scan"]
-    scans.caption = (f"C scan library: {native['library']}" if native["ok"]
+    threads = "torch's OpenMP threads" if native.get("openmp") else "Python threads (built without OpenMP)"
+    scans.caption = (f"C scan library: {native['library']}, on {threads}" if native["ok"]
                      else f"C scan unavailable: {native['reason']}")
     console.print(scans)
     libs = Table(title="optional GPU libraries")

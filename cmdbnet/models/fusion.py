@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cmdbnet.models.depthwise import depthwise
+
 __all__ = ["ConvBNReLU", "CrossAttention", "DualGate", "GatedFusion", "ConcatFusion", "SingleBranchNeck",
            "FPNAggregator", "pointwise"]
 
@@ -70,7 +72,7 @@ class ConvBNReLU(nn.Sequential):
         super().__init__(*(layers + [nn.ReLU(inplace=True)] if act else layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = pointwise(self[0], x)
+        x = pointwise(self[0], x) if _plain_1x1(self[0]) else depthwise(self[0], x)
         for layer in list(self)[1:]:
             x = layer(x)
         return x

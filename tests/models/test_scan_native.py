@@ -163,3 +163,40 @@ def test_plane_scan_equals_the_four_copies(monkeypatch, d_model, d_state, expand
         assert rel_err(a, e) < 2e-5
     with torch.no_grad():  # nothing kept for a backward that will not come
         assert rel_err(block(x), expected[0]) < 2e-5
+
+
+def _gomp_libraries() -> set[str]:
+    return {line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's mapped libraries")
+def test_the_library_runs_on_torchs_own_openmp_runtime():
+    """Built with OpenMP, it must bind to the libgomp torch loaded, not bring a second runtime
+    whose threads would fight torch's (still spinning) ones for the cores."""
+    before = _gomp_libraries()
+    lib = native.library()
+    if not before:
+        pytest.skip("this torch does not use libgomp")
+    assert lib.openmp and _gomp_libraries() == before
+
+
+def test_a_compiler_without_openmp_builds_a_serial_library(fresh_build, monkeypatch, tmp_path):
+    """Apple's clang knows no -fopenmp: the next set of flags builds, and Python threads split the work."""
+    cc = tmp_path / "cc-without-openmp"
+    cc.write_text('#!/bin/sh\nfor a; do [ "$a" = -fopenmp ] && { echo "unsupported option" >&2; exit 1; }; done\n'
+                  f'exec {native._compiler()} "$@"\n')
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    assert native.library() is not None and not native.library().openmp
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the Python pool's path, even on a one-core machine
+    try:
+        torch.manual_seed(0)
+        block = vss.SS2D(40, expand=1.0)
+        x, g = torch.randn(2, 5, 6, 40), torch.randn(2, 5, 6, 40)
+        got = _ss2d_run(block, x, g)
+        monkeypatch.setenv(scan.BACKEND_ENV, "torch")
+        expected = _ss2d_run(block, x, g)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(rel_err(a, e) < 2e-5 for a, e in zip(got, expected))

@@ -19,7 +19,22 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "parallel.h"
+
 typedef int64_t i64;
+
+int cmdb_threads = 1;
+
+void cmdb_set_threads(int n) { cmdb_threads = n > 0 ? n : 1; }
+
+/* 1 when built with OpenMP: the entry points then split their units themselves. */
+int cmdb_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 /* exp, log1p, softplus and sigmoid as straight-line code that the compiler vectorises (libm's
  * are calls it cannot vectorise without -ffast-math, which would also let it assume no NaN).
@@ -112,7 +127,7 @@ static float states(Work *w, const float *dt, const float *uu, const float *Bn, 
     return s;
 }
 
-int cmdb_scan_fwd(i64 lo, i64 hi, i64 D, i64 L, i64 N, i64 G,
+static int cmdb_scan_fwd_range(i64 lo, i64 hi, i64 D, i64 L, i64 N, i64 G,
                   const float *u, const float *delta, const float *A, const float *Bm, const float *Cm,
                   const float *Dv, const float *z, const float *bias, int softplus,
                   float *out, float *last, float *keep_dt, float *keep_h) {
@@ -149,7 +164,7 @@ int cmdb_scan_fwd(i64 lo, i64 hi, i64 D, i64 L, i64 N, i64 G,
 
 /* Gradients of one call. gu, gdelta, gz, gB, gC are written (gB, gC zeroed per unit here);
  * gA, gD, gbias get this batch row's sums (the caller adds the rows up). */
-int cmdb_scan_bwd(i64 lo, i64 hi, i64 D, i64 L, i64 N, i64 G,
+static int cmdb_scan_bwd_range(i64 lo, i64 hi, i64 D, i64 L, i64 N, i64 G,
                   const float *u, const float *delta, const float *A, const float *Bm, const float *Cm,
                   const float *Dv, const float *z, const float *bias, int softplus,
                   const float *gout, const float *glast,
@@ -337,7 +352,7 @@ static void skip_sum(float *dsum, const float *Dv, i64 D, i64 d0, i64 nb) {
 /* Where order k's kept stream of unit (b, blk) starts, in elements of one (L, XB) row set. */
 static i64 stream(const XShape *s, i64 k, i64 b, i64 blk) { return ((k * s->B + b) * s->blocks + blk) * s->H * s->W * XB; }
 
-int cmdb_xscan_fwd(i64 lo, i64 hi, i64 B, i64 D, i64 H, i64 W, i64 N, int softplus,
+static int cmdb_xscan_fwd_range(i64 lo, i64 hi, i64 B, i64 D, i64 H, i64 W, i64 N, int softplus,
                    const float *u, const float *delta, const float *A, const float *Bm, const float *Cm,
                    const float *Dv, const float *bias, float *y, float *keep_dt, float *keep_h) {
     const XShape s = {B, D, H, W, N, (D + XB - 1) / XB, softplus};
@@ -384,7 +399,7 @@ static inline void bwd_step(float *restrict sv, float *restrict dv, float *restr
     }
 }
 
-int cmdb_xscan_bwd(i64 lo, i64 hi, i64 B, i64 D, i64 H, i64 W, i64 N, int softplus,
+static int cmdb_xscan_bwd_range(i64 lo, i64 hi, i64 B, i64 D, i64 H, i64 W, i64 N, int softplus,
                    const float *u, const float *delta, const float *A, const float *Bm, const float *Cm,
                    const float *Dv, const float *bias, const float *gy, const float *keep_dt, const float *keep_h,
                    float *gu, float *gdelta, float *gA, float *gB, float *gC, float *gD, float *gbias) {
@@ -470,4 +485,35 @@ int cmdb_xscan_bwd(i64 lo, i64 hi, i64 B, i64 D, i64 H, i64 W, i64 N, int softpl
     free(scratch);
     free(accA);
     return 0;
+}
+
+/* The entry points: the ranges above, split over the threads (parallel.h). */
+
+int cmdb_scan_fwd(i64 lo, i64 hi, i64 D, i64 L, i64 N, i64 G,
+                  const float *u, const float *delta, const float *A, const float *Bm, const float *Cm,
+                  const float *Dv, const float *z, const float *bias, int softplus,
+                  float *out, float *last, float *keep_dt, float *keep_h) {
+    CMDB_SLICED(lo, hi, cmdb_scan_fwd_range(a_, b_, D, L, N, G, u, delta, A, Bm, Cm, Dv, z, bias, softplus, out, last, keep_dt, keep_h));
+}
+
+int cmdb_scan_bwd(i64 lo, i64 hi, i64 D, i64 L, i64 N, i64 G,
+                  const float *u, const float *delta, const float *A, const float *Bm, const float *Cm,
+                  const float *Dv, const float *z, const float *bias, int softplus,
+                  const float *gout, const float *glast,
+                  float *gu, float *gdelta, float *gA, float *gB, float *gC, float *gD, float *gz,
+                  float *gbias, const float *kept_dt, const float *kept_h) {
+    CMDB_SLICED(lo, hi, cmdb_scan_bwd_range(a_, b_, D, L, N, G, u, delta, A, Bm, Cm, Dv, z, bias, softplus, gout, glast, gu, gdelta, gA, gB, gC, gD, gz, gbias, kept_dt, kept_h));
+}
+
+int cmdb_xscan_fwd(i64 lo, i64 hi, i64 B, i64 D, i64 H, i64 W, i64 N, int softplus,
+                   const float *u, const float *delta, const float *A, const float *Bm, const float *Cm,
+                   const float *Dv, const float *bias, float *y, float *keep_dt, float *keep_h) {
+    CMDB_SLICED(lo, hi, cmdb_xscan_fwd_range(a_, b_, B, D, H, W, N, softplus, u, delta, A, Bm, Cm, Dv, bias, y, keep_dt, keep_h));
+}
+
+int cmdb_xscan_bwd(i64 lo, i64 hi, i64 B, i64 D, i64 H, i64 W, i64 N, int softplus,
+                   const float *u, const float *delta, const float *A, const float *Bm, const float *Cm,
+                   const float *Dv, const float *bias, const float *gy, const float *keep_dt, const float *keep_h,
+                   float *gu, float *gdelta, float *gA, float *gB, float *gC, float *gD, float *gbias) {
+    CMDB_SLICED(lo, hi, cmdb_xscan_bwd_range(a_, b_, B, D, H, W, N, softplus, u, delta, A, Bm, Cm, Dv, bias, gy, keep_dt, keep_h, gu, gdelta, gA, gB, gC, gD, gbias));
 }

@@ -8,8 +8,10 @@ and CPU into the user cache (``$CMDB_CACHE_DIR`` or ``~/.cache/cmdbnet``), writt
 temporary name and renamed, so concurrent ranks or a killed build never leave a broken file.
 Where no compiler works the dispatcher falls back to the torch scan, once, with a warning.
 
-The same library does SS2D's cross-scan and cross-merge (:class:`CrossScan`, :class:`CrossMerge`):
-pure data movement, one pass each where torch needs stacks, flips, transposes and adds.
+The same library runs SS2D's four scan orders position-major on a channels-last plane
+(:class:`PlaneScan`: no reordered copies, no merge) and the depthwise 3 x 3 convolution of
+``cmdbnet.models.depthwise``. Built with OpenMP where the compiler has it, so that its loops run
+on torch's own OpenMP threads (``parallel.h`` says why that matters).
 
 At d_state <= KEEP_ALL_MAX_N forward keeps each sequence's dt and states for backward (as the
 torch scan keeps its states), which saves backward the softplus and the recurrence; above it
@@ -33,15 +35,20 @@ import torch
 from cmdbnet.models.scan.buffers import worker_pool
 from cmdbnet.models.scan.chunked import KEEP_ALL_MAX_N
 
-__all__ = ["NativeScan", "PlaneScan", "CACHE_ENV", "library", "library_error", "library_path"]
+__all__ = ["NativeScan", "PlaneScan", "pointer", "run_units", "CACHE_ENV", "library", "library_error", "library_path", "uses_openmp"]
 
 CACHE_ENV = "CMDB_CACHE_DIR"
-_SOURCE = Path(__file__).with_name("native.c")
+# The library's sources: the scan (here) and the depthwise convolution (cmdbnet/models/depthwise.py);
+# the header is part of the cache key.
+_SOURCES = (Path(__file__).with_name("native.c"), Path(__file__).parents[1] / "depthwise.c")
+_HEADERS = (Path(__file__).with_name("parallel.h"),)
 # -march=native: the library is built on the machine that runs it (the cache key holds the
-# CPU's flags); a compiler that does not know the flag gets the second set. No -ffast-math: it
-# would let the compiler assume no NaN or inf.
+# CPU's flags). -fopenmp: the C loops run on torch's OpenMP threads (parallel.h says why). A
+# compiler that knows neither flag gets the later sets. No -ffast-math: it would let the compiler
+# assume no NaN or inf.
 _FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared")
-_TUNINGS = (("-march=native",), ())
+_TUNINGS = (("-march=native", "-fopenmp"), ("-fopenmp",), ("-march=native",), ())
+_SERIAL_TUNINGS = tuple(t for t in _TUNINGS if "-fopenmp" not in t)
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _FWD_ARGS = [_I] * 6 + [_P] * 8 + [ctypes.c_int] + [_P] * 4
 _BWD_ARGS = [_I] * 6 + [_P] * 8 + [ctypes.c_int] + [_P] * 12
@@ -79,14 +86,15 @@ class CompileError(OSError):
     """The compiler ran and refused the source: another folder would not help."""
 
 
-def _build(cc: str, dst: Path) -> None:
-    """Compile to a temporary name in ``dst``'s folder, then rename onto ``dst``."""
+def _build(cc: str, dst: Path, tunings: tuple[tuple[str, ...], ...]) -> None:
+    """Compile with the first of ``tunings`` the compiler accepts to a temporary name in ``dst``'s
+    folder, then rename onto ``dst``."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".part", dir=dst.parent)
     os.close(fd)
     try:
-        for tuning in _TUNINGS:
-            proc = subprocess.run([cc, *_FLAGS, *tuning, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True,
+        for tuning in tunings:
+            proc = subprocess.run([cc, *_FLAGS, *tuning, *map(str, _SOURCES), "-o", tmp, "-lm"], capture_output=True,
                                   text=True, timeout=120)
             if not proc.returncode:
                 os.replace(tmp, dst)
@@ -97,35 +105,48 @@ def _build(cc: str, dst: Path) -> None:
             os.unlink(tmp)
 
 
-def _built(cc: str) -> Path:
-    """The library for this source, compiler and CPU: from the cache, or built into it."""
+def _built(cc: str, tunings: tuple[tuple[str, ...], ...] = _TUNINGS) -> Path:
+    """The library for these sources, flags, compiler and CPU: from the cache, or built into it."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), *_FLAGS, version, _cpu_signature()]).encode())
+    texts = [src.read_text() for src in _SOURCES + _HEADERS]
+    key = hashlib.sha256("\0".join([*texts, *_FLAGS, repr(tunings), version, _cpu_signature()]).encode())
     name = f"scan-{key.hexdigest()[:16]}.so"
     cache, fallback = (folder / name for folder in _cache_dirs())
     for path in (cache, fallback):
         if path.is_file():
             return path
     try:
-        _build(cc, cache)
+        _build(cc, cache, tunings)
         return cache
     except CompileError:
         raise
     except OSError:  # the cache folder cannot be written
-        _build(cc, fallback)
+        _build(cc, fallback, tunings)
         return fallback
 
 
 @functools.cache
 def _load() -> tuple[ctypes.CDLL | None, str]:
     try:
-        lib = ctypes.CDLL(str(_built(_compiler())))
+        cc = _compiler()
+        try:
+            lib = ctypes.CDLL(str(_built(cc)))
+        except CompileError:
+            raise
+        except OSError:  # an OpenMP runtime this process cannot load: build without OpenMP
+            lib = ctypes.CDLL(str(_built(cc, _SERIAL_TUNINGS)))
     except (OSError, subprocess.SubprocessError) as exc:
         return None, str(exc)
+    lib.openmp = bool(lib.cmdb_openmp())
+    lib.cmdb_set_threads.argtypes = [ctypes.c_int]
     lib.cmdb_scan_fwd.argtypes, lib.cmdb_scan_bwd.argtypes = _FWD_ARGS, _BWD_ARGS
     lib.cmdb_xscan_fwd.argtypes = [_I] * 7 + [ctypes.c_int] + [_P] * 10
     lib.cmdb_xscan_bwd.argtypes = [_I] * 7 + [ctypes.c_int] + [_P] * 17
-    for fn in (lib.cmdb_scan_fwd, lib.cmdb_scan_bwd, lib.cmdb_xscan_fwd, lib.cmdb_xscan_bwd):
+    lib.cmdb_dw3x3_fwd.argtypes = [_I] * 5 + [_P] * 4
+    lib.cmdb_dw3x3_bwd_input.argtypes = [_I] * 5 + [_P] * 3
+    lib.cmdb_dw3x3_bwd_weight.argtypes = [_I] * 4 + [_P] * 4
+    for fn in (lib.cmdb_scan_fwd, lib.cmdb_scan_bwd, lib.cmdb_xscan_fwd, lib.cmdb_xscan_bwd, lib.cmdb_dw3x3_fwd,
+               lib.cmdb_dw3x3_bwd_input, lib.cmdb_dw3x3_bwd_weight):
         fn.restype = ctypes.c_int
     return lib, ""
 
@@ -146,19 +167,27 @@ def library_path() -> str | None:
     return None if lib is None else lib._name
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
+def uses_openmp() -> bool:
+    """Whether the library splits its work on torch's OpenMP threads (else Python threads do)."""
+    lib = library()
+    return lib is not None and lib.openmp
+
+
+def pointer(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _run(fn, units: int, *args) -> None:
-    """``fn(lo, hi, *args)`` over units (sequences or planes) shared by torch's intra-op threads.
+def run_units(fn, units: int, *args) -> None:
+    """``fn(lo, hi, *args)`` over units (sequences or planes) on as many threads as torch uses.
 
-    ctypes releases the GIL for the call, so the pool's threads run the C code side by side.
-    The units go out in a few slices per thread, taken as threads come free: when another
+    Built with OpenMP, the library splits the units itself, on torch's own OpenMP threads.
+    Otherwise a pool of Python threads does (ctypes releases the GIL for the call). Either way
+    the units go out in a few slices per thread, taken as threads come free: when another
     process holds a core, the other threads take over its share instead of waiting for it.
     """
-    workers = max(1, min(units, torch.get_num_threads()))
-    if workers == 1:
+    workers, lib = max(1, min(units, torch.get_num_threads())), library()
+    if workers == 1 or lib.openmp:
+        lib.cmdb_set_threads(workers)
         codes = [fn(0, units, *args)]
     else:
         slices = min(units, 4 * workers)
@@ -181,8 +210,8 @@ class NativeScan(torch.autograd.Function):
         out, last = u.new_empty((b, d, l)), u.new_empty((b, d, n))
         keep = any(ctx.needs_input_grad) and n <= KEEP_ALL_MAX_N
         dt, h = (u.new_empty((b, d, l)), u.new_empty((b, d, n, l))) if keep else (None, None)
-        _run(lib.cmdb_scan_fwd, b * g, d, l, n, g, *map(_ptr, ins), int(delta_softplus), _ptr(out), _ptr(last),
-             _ptr(dt), _ptr(h))
+        run_units(lib.cmdb_scan_fwd, b * g, d, l, n, g, *map(pointer, ins), int(delta_softplus), pointer(out), pointer(last),
+             pointer(dt), pointer(h))
         ctx.save_for_backward(*ins, dt, h)
         ctx.delta_softplus = delta_softplus
         ctx.set_materialize_grads(False)
@@ -201,8 +230,8 @@ class NativeScan(torch.autograd.Function):
         gA = u.new_empty((b, d, n))
         gD = None if D is None else u.new_empty((b, d))
         gbias = None if delta_bias is None else u.new_empty((b, d))
-        _run(library().cmdb_scan_bwd, b * g, d, l, n, g, *map(_ptr, ins), int(ctx.delta_softplus),
-             _ptr(gout), _ptr(glast), *map(_ptr, (gu, gdelta, gA, gB, gC, gD, gz, gbias, dt, h)))
+        run_units(library().cmdb_scan_bwd, b * g, d, l, n, g, *map(pointer, ins), int(ctx.delta_softplus),
+             pointer(gout), pointer(glast), *map(pointer, (gu, gdelta, gA, gB, gC, gD, gz, gbias, dt, h)))
         sums = [None if t is None else t.sum(0) for t in (gA, gD, gbias)]
         return gu, gdelta, sums[0], gB, gC, sums[1], gz, sums[2], None
 
@@ -226,8 +255,8 @@ class PlaneScan(torch.autograd.Function):
         blocks = _blocks(d)  # kept in the C loop's own order: (K, B, blocks, L, [N,] lanes)
         dt, states = (u.new_empty((_K, b, blocks, l, _LANES)), u.new_empty((_K, b, blocks, l, n, _LANES))
                       ) if keep else (None, None)
-        _run(library().cmdb_xscan_fwd, b * _blocks(d), b, d, h, w, n, int(delta_softplus), *map(_ptr, ins),
-             _ptr(y), _ptr(dt), _ptr(states))
+        run_units(library().cmdb_xscan_fwd, b * _blocks(d), b, d, h, w, n, int(delta_softplus), *map(pointer, ins),
+             pointer(y), pointer(dt), pointer(states))
         ctx.save_for_backward(*ins, dt, states)
         ctx.hw, ctx.delta_softplus = (h, w), delta_softplus
         return y
@@ -241,8 +270,8 @@ class PlaneScan(torch.autograd.Function):
         gu, gdelta = torch.empty_like(u), torch.empty_like(delta)
         gA, gbias, gD = u.new_empty((b, _K * d, n)), u.new_empty((b, _K * d)), u.new_empty((b, d))
         gB, gC = u.new_empty((blocks, *B.shape)), u.new_empty((blocks, *C.shape))
-        _run(library().cmdb_xscan_bwd, b * blocks, b, d, *ctx.hw, n, int(ctx.delta_softplus), *map(_ptr, ins),
-             _ptr(gy.contiguous()), _ptr(dt), _ptr(states), *map(_ptr, (gu, gdelta, gA, gB, gC, gD, gbias)))
+        run_units(library().cmdb_xscan_bwd, b * blocks, b, d, *ctx.hw, n, int(ctx.delta_softplus), *map(pointer, ins),
+             pointer(gy.contiguous()), pointer(dt), pointer(states), *map(pointer, (gu, gdelta, gA, gB, gC, gD, gbias)))
         gD = None if D is None else gD.sum(0).repeat(_K)
         gbias = None if delta_bias is None else gbias.sum(0)
         return gu, gdelta, gA.sum(0), gB.sum(0), gC.sum(0), gD, gbias, None, None, None
