@@ -162,25 +162,13 @@ def network_table(before: str | None, rounds: int) -> None:
         t["B"], t["C"] = (torch.randn(b, g, n, l).requires_grad_() for _ in range(2))
         del t["z"]
         gout = torch.randn(b, d, l)
-        times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
-        outs = {}
-        for r in range(rounds + 1):
-            for name, (env, ctx) in runs.items():
-                with backend(env), ctx():
-                    wall, cpu, out, grads = fwd_bwd(ours, t, gout)
-                outs[name] = [out, *grads]
-                if r:
-                    times[name].append((wall, cpu))
-        base = list(runs)[-1]
-        cells = []
-        for name in runs:
-            cell = f"{name} {_med(times[name])}"
-            if name != base:
-                err = max(((a - r).norm() / r.norm()).item() for a, r in zip(outs[name], outs[base]))
-                ratio = statistics.median(w for w, _ in times[base]) / statistics.median(w for w, _ in times[name])
-                cell += f" {ratio:.1f}x, diff {err:.1e}"
-            cells.append(cell)
-        print(f"  ({b}, {d}, {l}, {n}), G {g}: " + "; ".join(cells))
+        def call(name, t=t, gout=gout):
+            env, ctx = runs[name]
+            with backend(env), ctx():
+                wall, cpu, out, grads = fwd_bwd(ours, t, gout)
+            return wall, cpu, [out, *grads]
+
+        print(f"  ({b}, {d}, {l}, {n}), G {g}: " + _compare(list(runs), rounds, call))
     print(f"  load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
@@ -200,29 +188,39 @@ def plane_table(rounds: int) -> None:
         gout = torch.randn(4, side, side, block.d_inner)
         runs = {"plane (C)": ("native", block._scan_plane), "orders, C scan": ("native", block._scan_orders),
                 "orders, torch scan": ("torch", block._scan_orders)}
-        times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
-        outs = {}
-        for r in range(rounds + 1):
-            for name, (env, fn) in runs.items():
-                with backend(env):
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    out = fn(u)
-                    grads = torch.autograd.grad(out, [u, *block.parameters()], gout, allow_unused=True)
-                    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-                outs[name] = [out.detach(), *(g for g in grads if g is not None)]
-                if r:
-                    times[name].append((wall, cpu))
-        base = "orders, torch scan"
-        cells = []
-        for name in runs:
-            cell = f"{name} {_med(times[name])}"
-            if name != base:
-                err = max(((a - r).norm() / r.norm()).item() for a, r in zip(outs[name], outs[base]))
-                ratio = statistics.median(w for w, _ in times[base]) / statistics.median(w for w, _ in times[name])
-                cell += f" {ratio:.1f}x, diff {err:.1e}"
-            cells.append(cell)
-        print(f"  stage {i + 1} (4, {block.d_inner}, {side}, {side}): " + "; ".join(cells))
+
+        def call(name, block=block, u=u, gout=gout, runs=runs):
+            env, fn = runs[name]
+            with backend(env):
+                t0, c0 = time.perf_counter(), time.process_time()
+                out = fn(u)
+                grads = torch.autograd.grad(out, [u, *block.parameters()], gout, allow_unused=True)
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            return wall, cpu, [out.detach(), *(g for g in grads if g is not None)]
+
+        print(f"  stage {i + 1} (4, {block.d_inner}, {side}, {side}): " + _compare(list(runs), rounds, call))
     print(f"  load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+
+
+def _compare(names: list[str], rounds: int, call) -> str:
+    """``call(name)`` -> (wall, cpu, tensors) for each name in turn, ``rounds`` times after a warm-up;
+    one cell per name: median times, and against the last name its speed-up and largest difference."""
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    outs = {}
+    for r in range(rounds + 1):
+        for name in names:
+            wall, cpu, outs[name] = call(name)
+            if r:
+                times[name].append((wall, cpu))
+    base, cells = names[-1], []
+    for name in names:
+        cell = f"{name} {_med(times[name])}"
+        if name != base:
+            err = max(((a - r).norm() / r.norm()).item() for a, r in zip(outs[name], outs[base]))
+            ratio = statistics.median(w for w, _ in times[base]) / statistics.median(w for w, _ in times[name])
+            cell += f" {ratio:.1f}x, diff {err:.1e}"
+        cells.append(cell)
+    return "; ".join(cells)
 
 
 def _med(runs: list[tuple[float, float]]) -> str:

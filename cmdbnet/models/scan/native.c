@@ -263,6 +263,9 @@ static int cmdb_scan_bwd_range(i64 lo, i64 hi, i64 D, i64 L, i64 N, i64 G,
 
 typedef struct { i64 B, D, H, W, N, blocks; int softplus; } XShape;
 
+/* XB, for the Python side's buffer shapes. */
+int cmdb_xscan_lanes(void) { return XB; }
+
 /* pos[k * L + t]: the position that order k visits at step t. */
 static int32_t *visit_orders(i64 H, i64 W) {
     const i64 L = H * W;

@@ -35,7 +35,8 @@ import torch
 from cmdbnet.models.scan.buffers import worker_pool
 from cmdbnet.models.scan.chunked import KEEP_ALL_MAX_N
 
-__all__ = ["NativeScan", "PlaneScan", "pointer", "run_units", "CACHE_ENV", "library", "library_error", "library_path", "uses_openmp"]
+__all__ = ["NativeScan", "PlaneScan", "CACHE_ENV", "library", "library_error", "library_path", "pointer", "run_units",
+           "uses_openmp"]
 
 CACHE_ENV = "CMDB_CACHE_DIR"
 # The library's sources: the scan (here) and the depthwise convolution (cmdbnet/models/depthwise.py);
@@ -137,7 +138,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             lib = ctypes.CDLL(str(_built(cc, _SERIAL_TUNINGS)))
     except (OSError, subprocess.SubprocessError) as exc:
         return None, str(exc)
-    lib.openmp = bool(lib.cmdb_openmp())
+    lib.openmp, lib.lanes = bool(lib.cmdb_openmp()), lib.cmdb_xscan_lanes()
     lib.cmdb_set_threads.argtypes = [ctypes.c_int]
     lib.cmdb_scan_fwd.argtypes, lib.cmdb_scan_bwd.argtypes = _FWD_ARGS, _BWD_ARGS
     lib.cmdb_xscan_fwd.argtypes = [_I] * 7 + [ctypes.c_int] + [_P] * 10
@@ -195,7 +196,7 @@ def run_units(fn, units: int, *args) -> None:
         pool = worker_pool(workers, os.getpid())
         codes = [f.result() for f in [pool.submit(fn, lo, hi, *args) for lo, hi in zip(bounds, bounds[1:])]]
     if any(codes):
-        raise MemoryError("the CPU scan could not allocate its per-thread buffers")
+        raise MemoryError("the C library could not allocate its per-thread buffers")
 
 
 class NativeScan(torch.autograd.Function):
@@ -253,7 +254,8 @@ class PlaneScan(torch.autograd.Function):
         y = u.new_empty((b, l, d))
         keep = any(ctx.needs_input_grad) and n <= KEEP_ALL_MAX_N
         blocks = _blocks(d)  # kept in the C loop's own order: (K, B, blocks, L, [N,] lanes)
-        dt, states = (u.new_empty((_K, b, blocks, l, _LANES)), u.new_empty((_K, b, blocks, l, n, _LANES))
+        lanes = library().lanes
+        dt, states = (u.new_empty((_K, b, blocks, l, lanes)), u.new_empty((_K, b, blocks, l, n, lanes))
                       ) if keep else (None, None)
         run_units(library().cmdb_xscan_fwd, b * _blocks(d), b, d, h, w, n, int(delta_softplus), *map(pointer, ins),
              pointer(y), pointer(dt), pointer(states))
@@ -277,9 +279,9 @@ class PlaneScan(torch.autograd.Function):
         return gu, gdelta, gA.sum(0), gB.sum(0), gC.sum(0), gD, gbias, None, None, None
 
 
-_K = 4       # scan orders
-_LANES = 32  # channels per unit of work (XB in native.c)
+_K = 4  # scan orders
 
 
 def _blocks(d: int) -> int:
-    return -(-d // _LANES)
+    """Units of work per batch row at d channels: blocks of the C loop's lanes (XB in native.c)."""
+    return -(-d // library().lanes)

@@ -2,8 +2,10 @@
  * in a few slices per thread. Built with OpenMP, the slices run on the process's OpenMP team:
  * torch's own (its libgomp is already loaded when the library is, and the library links to it
  * by the same name), so the threads that just ran a torch op, still spinning, take them at once
- * instead of competing for the cores with threads of ours. Without OpenMP they run in the
- * calling thread, and the Python side splits the units over its own worker threads. */
+ * instead of competing for the cores with threads of ours. (Where torch uses another OpenMP
+ * runtime, this one brings its own threads: still correct, as with the Python pool.) Without
+ * OpenMP they run in the calling thread, and the Python side splits the units over its own
+ * worker threads. */
 #ifndef CMDB_PARALLEL_H
 #define CMDB_PARALLEL_H
 #include <stdint.h>
