@@ -1,4 +1,4 @@
-"""The selective scan as a small C library (``native.c``), compiled at first use, for CPU fp32.
+"""The selective scan as a small C library (``native.c``, ``plane.c``), built at first use, for CPU fp32.
 
 Why: at d_state 1 a time step is a few flops per channel, so a torch scan issues ops whose
 overhead and memory passes dwarf the arithmetic; the C loops read each channel's sequence once
@@ -39,10 +39,11 @@ __all__ = ["NativeScan", "PlaneScan", "CACHE_ENV", "library", "library_error", "
            "uses_openmp"]
 
 CACHE_ENV = "CMDB_CACHE_DIR"
-# The library's sources: the scan (here) and the depthwise convolution (cmdbnet/models/depthwise.py);
-# the header is part of the cache key.
-_SOURCES = (Path(__file__).with_name("native.c"), Path(__file__).parents[1] / "depthwise.c")
-_HEADERS = (Path(__file__).with_name("parallel.h"),)
+# The library's sources: the per-sequence scan, SS2D's plane scan and the depthwise convolution
+# (cmdbnet/models/depthwise.py); the headers are part of the cache key.
+_HERE = Path(__file__).parent
+_SOURCES = (_HERE / "native.c", _HERE / "plane.c", _HERE.parent / "depthwise.c")
+_HEADERS = (_HERE / "parallel.h", _HERE / "vmath.h")
 # -march=native: the library is built on the machine that runs it (the cache key holds the
 # CPU's flags). -fopenmp: the C loops run on torch's OpenMP threads (parallel.h says why). A
 # compiler that knows neither flag gets the later sets. No -ffast-math: it would let the compiler
@@ -283,5 +284,5 @@ _K = 4  # scan orders
 
 
 def _blocks(d: int) -> int:
-    """Units of work per batch row at d channels: blocks of the C loop's lanes (XB in native.c)."""
+    """Units of work per batch row at d channels: blocks of the C loop's lanes (XB in plane.c)."""
     return -(-d // library().lanes)
