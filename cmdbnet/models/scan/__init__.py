@@ -42,5 +42,6 @@ from cmdbnet.models.scan.native import library_path as native_library_path
 from cmdbnet.models.scan.native import uses_openmp as native_uses_openmp
 
 __all__ = ["BACKENDS", "BACKEND_ENV", "KEEP_ALL_MAX_N", "ScanBackendError", "ScanBackendNameError",
-           "available_backends", "backend_status", "chunk_plan", "native_library_path", "native_uses_openmp", "override_function", "resolve_backend",
+           "available_backends", "backend_status", "chunk_plan", "native_library_path", "native_uses_openmp",
+           "override_function", "resolve_backend",
            "saved_state_bytes", "scan_macs", "selective_scan", "state_bytes"]

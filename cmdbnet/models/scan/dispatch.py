@@ -5,7 +5,8 @@ kernels when Triton imports, else to the launch-light ``torch_parallel`` scan; C
 to the ``native`` C scan (compiled at first use), or to the chunked ``torch`` scan where no C
 compiler works (one warning) or the dtype is not fp32 after upcasting (fp64). A Triton kernel
 that fails to compile or launch under ``auto`` turns Triton off for the rest of the process,
-with one warning, and the call runs on ``torch_parallel``; asked for explicitly (``CMDB_SCAN_BACKEND=triton``) the failure raises.
+with one warning, and the call runs on ``torch_parallel``; asked for explicitly
+(``CMDB_SCAN_BACKEND=triton``) the failure raises.
 """
 
 

@@ -32,8 +32,10 @@ from pathlib import Path
 
 import torch
 
+from cmdbnet.errors import CmdbError
 from cmdbnet.models.scan.buffers import worker_pool
 from cmdbnet.models.scan.chunked import KEEP_ALL_MAX_N
+from cmdbnet.utils import atomic_path
 
 __all__ = ["NativeScan", "PlaneScan", "CACHE_ENV", "library", "library_error", "library_path", "pointer", "run_units",
            "uses_openmp"]
@@ -89,22 +91,15 @@ class CompileError(OSError):
 
 
 def _build(cc: str, dst: Path, tunings: tuple[tuple[str, ...], ...]) -> None:
-    """Compile with the first of ``tunings`` the compiler accepts to a temporary name in ``dst``'s
-    folder, then rename onto ``dst``."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".part", dir=dst.parent)
-    os.close(fd)
-    try:
+    """Compile with the first of ``tunings`` the compiler accepts to a temporary name beside
+    ``dst``, renamed onto it (``atomic_path``): a killed build never leaves a library to trust."""
+    with atomic_path(dst, suffix="") as tmp:
         for tuning in tunings:
-            proc = subprocess.run([cc, *_FLAGS, *tuning, *map(str, _SOURCES), "-o", tmp, "-lm"], capture_output=True,
-                                  text=True, timeout=120)
+            proc = subprocess.run([cc, *_FLAGS, *tuning, *map(str, _SOURCES), "-o", str(tmp), "-lm"],
+                                  capture_output=True, text=True, timeout=120)
             if not proc.returncode:
-                os.replace(tmp, dst)
                 return
         raise CompileError(f"{Path(cc).name} failed to compile the CPU scan: {proc.stderr.strip()[:300]}")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _built(cc: str, tunings: tuple[tuple[str, ...], ...] = _TUNINGS) -> Path:
@@ -122,7 +117,7 @@ def _built(cc: str, tunings: tuple[tuple[str, ...], ...] = _TUNINGS) -> Path:
         return cache
     except CompileError:
         raise
-    except OSError:  # the cache folder cannot be written
+    except (OSError, CmdbError):  # the cache folder cannot be written
         _build(cc, fallback, tunings)
         return fallback
 
@@ -137,7 +132,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             raise
         except OSError:  # an OpenMP runtime this process cannot load: build without OpenMP
             lib = ctypes.CDLL(str(_built(cc, _SERIAL_TUNINGS)))
-    except (OSError, subprocess.SubprocessError) as exc:
+    except (OSError, subprocess.SubprocessError, CmdbError) as exc:
         return None, str(exc)
     lib.openmp, lib.lanes = bool(lib.cmdb_openmp()), lib.cmdb_xscan_lanes()
     lib.cmdb_set_threads.argtypes = [ctypes.c_int]
@@ -212,8 +207,8 @@ class NativeScan(torch.autograd.Function):
         out, last = u.new_empty((b, d, l)), u.new_empty((b, d, n))
         keep = any(ctx.needs_input_grad) and n <= KEEP_ALL_MAX_N
         dt, h = (u.new_empty((b, d, l)), u.new_empty((b, d, n, l))) if keep else (None, None)
-        run_units(lib.cmdb_scan_fwd, b * g, d, l, n, g, *map(pointer, ins), int(delta_softplus), pointer(out), pointer(last),
-             pointer(dt), pointer(h))
+        run_units(lib.cmdb_scan_fwd, b * g, d, l, n, g, *map(pointer, ins), int(delta_softplus), pointer(out),
+                  pointer(last), pointer(dt), pointer(h))
         ctx.save_for_backward(*ins, dt, h)
         ctx.delta_softplus = delta_softplus
         ctx.set_materialize_grads(False)
@@ -233,7 +228,7 @@ class NativeScan(torch.autograd.Function):
         gD = None if D is None else u.new_empty((b, d))
         gbias = None if delta_bias is None else u.new_empty((b, d))
         run_units(library().cmdb_scan_bwd, b * g, d, l, n, g, *map(pointer, ins), int(ctx.delta_softplus),
-             pointer(gout), pointer(glast), *map(pointer, (gu, gdelta, gA, gB, gC, gD, gz, gbias, dt, h)))
+                  pointer(gout), pointer(glast), *map(pointer, (gu, gdelta, gA, gB, gC, gD, gz, gbias, dt, h)))
         sums = [None if t is None else t.sum(0) for t in (gA, gD, gbias)]
         return gu, gdelta, sums[0], gB, gC, sums[1], gz, sums[2], None
 
@@ -252,14 +247,13 @@ class PlaneScan(torch.autograd.Function):
         ins = [t if t is None else t.contiguous() for t in (u, delta, A, B, C, D, delta_bias)]
         u, delta, A, B, C, D, delta_bias = ins
         (b, l, d), n = u.shape, A.shape[1]
-        y = u.new_empty((b, l, d))
+        y, lib = u.new_empty((b, l, d)), library()
         keep = any(ctx.needs_input_grad) and n <= KEEP_ALL_MAX_N
         blocks = _blocks(d)  # kept in the C loop's own order: (K, B, blocks, L, [N,] lanes)
-        lanes = library().lanes
-        dt, states = (u.new_empty((_K, b, blocks, l, lanes)), u.new_empty((_K, b, blocks, l, n, lanes))
+        dt, states = (u.new_empty((_K, b, blocks, l, lib.lanes)), u.new_empty((_K, b, blocks, l, n, lib.lanes))
                       ) if keep else (None, None)
-        run_units(library().cmdb_xscan_fwd, b * _blocks(d), b, d, h, w, n, int(delta_softplus), *map(pointer, ins),
-             pointer(y), pointer(dt), pointer(states))
+        run_units(lib.cmdb_xscan_fwd, b * blocks, b, d, h, w, n, int(delta_softplus), *map(pointer, ins),
+                  pointer(y), pointer(dt), pointer(states))
         ctx.save_for_backward(*ins, dt, states)
         ctx.hw, ctx.delta_softplus = (h, w), delta_softplus
         return y
@@ -274,7 +268,8 @@ class PlaneScan(torch.autograd.Function):
         gA, gbias, gD = u.new_empty((b, _K * d, n)), u.new_empty((b, _K * d)), u.new_empty((b, d))
         gB, gC = u.new_empty((blocks, *B.shape)), u.new_empty((blocks, *C.shape))
         run_units(library().cmdb_xscan_bwd, b * blocks, b, d, *ctx.hw, n, int(ctx.delta_softplus), *map(pointer, ins),
-             pointer(gy.contiguous()), pointer(dt), pointer(states), *map(pointer, (gu, gdelta, gA, gB, gC, gD, gbias)))
+                  pointer(gy.contiguous()), pointer(dt), pointer(states),
+                  *map(pointer, (gu, gdelta, gA, gB, gC, gD, gbias)))
         gD = None if D is None else gD.sum(0).repeat(_K)
         gbias = None if delta_bias is None else gbias.sum(0)
         return gu, gdelta, gA.sum(0), gB.sum(0), gC.sum(0), gD, gbias, None, None, None
