@@ -50,8 +50,9 @@ def dice_loss(
     k = logits.shape[1]
     valid = torch.ones_like(labels, dtype=torch.bool) if ignore_index is None else labels != ignore_index
     probs = logits.float().softmax(1) * valid.unsqueeze(1)
-    onehot = F.one_hot(torch.where(valid, labels, 0), k).permute(0, 3, 1, 2).float()
-    onehot = onehot * valid.unsqueeze(1)
+    # one-hot by comparison: F.one_hot reads the labels' min and max back to the host on CPU
+    classes = torch.arange(k, device=labels.device).view(1, k, 1, 1)
+    onehot = (labels.unsqueeze(1) == classes).float() * valid.unsqueeze(1)
     inter = (probs * onehot).sum((0, 2, 3))
     denom = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
     dice = (2 * inter + smooth) / (denom + smooth)
