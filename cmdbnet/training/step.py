@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from cmdbnet.errors import CmdbError
 from cmdbnet.runtime import DistInfo, Precision, all_reduce_sum, release_cached_memory
 
 BUCKET_BYTES = 25 * 2**20  # gradients all-reduced in flat buckets of about this size, as DDP does
@@ -101,6 +102,11 @@ def run_step_group(model, loss_fn, batches: list[dict], weights: list[float], op
         optimizer.zero_grad(set_to_none=True)
         _restore_buffers(model, saved)
         raise
+    if oom and dist_info.enabled and any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()):
+        # SyncBatchNorm exchanges statistics inside the forward: the other ranks wait there, not at
+        # the status exchange. This rank stops; torchrun then stops the others.
+        raise CmdbError(f"out of memory on rank {dist_info.rank} with synchronised BatchNorm: lower --batch, "
+                        "or use --checkpointing / --amp, then --resume from the last checkpoint")
     if oom:
         totals, finite = {}, torch.zeros((), device=device)
         optimizer.zero_grad(set_to_none=True)
