@@ -61,7 +61,11 @@ def all_reduce_grads(params, info: DistInfo) -> None:
     """Average the gradients across ranks, in flat buckets (one collective per bucket)."""
     if not (info.enabled and dist.is_initialized()):
         return
-    grads = [p.grad for p in params if p.grad is not None]
+    params = [p for p in params if p.requires_grad]
+    for p in params:  # a parameter this rank's step left without a gradient: every rank sends the same buckets
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
     bucket: list[torch.Tensor] = []
     size = 0
     for i, g in enumerate(grads):
