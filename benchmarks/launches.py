@@ -16,8 +16,15 @@ Ops are attributed to the part that owns the autograd node running them (backwar
 module running them (forward); the scan is counted apart from the rest of the Mamba branch.
 Targets: at most 8,000 ops per step on the CUDA routes, the scan at most 35% of them.
 
+It also counts the host syncs of an optimizer step (``--syncs``): the aten ops that read a
+value back to the host on CUDA (``_local_scalar_dense``, ``nonzero``, ``masked_select``,
+boolean indexing) and Python-level reads (``item``, ``tolist``, ``bool``/``float`` of a
+tensor), over ``run_step_group`` and the loss read the trainer does after it, at accumulation
+1 and 4. Target: at most 2 per optimizer step whatever the accumulation.
+
     python benchmarks/launches.py            # batch 4, crop 256 (about a minute on 2 cores)
     python benchmarks/launches.py --smoke    # batch 1, crop 64: seconds
+    python benchmarks/launches.py --syncs    # host syncs per optimizer step, accum 1 and 4
 """
 
 from __future__ import annotations
@@ -184,6 +191,72 @@ def count_step(route: str, batch: int, crop: int) -> tuple[Counter, Counter]:
     return counter.counts, counter.kernels
 
 
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero"}
+READS = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu")
+SYNC_TARGET = 2
+
+
+class SyncCounter(TorchDispatchMode):
+    """Host syncs a CUDA run would make, counted on CPU tensors (see the module docstring)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n, self.paused = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        bool_index = name == "index" and any(i is not None and i.dtype == torch.bool for i in args[1])
+        if not self.paused and (name in SYNC_OPS or bool_index):
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        self.saved = {name: getattr(torch.Tensor, name) for name in READS}
+        for name, real in self.saved.items():
+            def counted(t, *a, _real=real, **k):
+                self.n += not self.paused
+                self.paused += 1
+                try:
+                    return _real(t, *a, **k)
+                finally:
+                    self.paused -= 1
+            setattr(torch.Tensor, name, counted)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, real in self.saved.items():
+            setattr(torch.Tensor, name, real)
+        return super().__exit__(*exc)
+
+
+def count_syncs(accum: int, batch: int, crop: int) -> int:
+    """Host syncs of one optimizer step of ``accum`` micro-batches (the second step), plus the trainer's loss read."""
+    torch.manual_seed(0)
+    s = Settings()
+    model = build_model(s.model.model_copy(update={"pretrained": "off", "backbone_weights": None})).train()
+    t = s.train
+    loss_fn = CMDBLoss(s.model.num_classes, 255, t.aux_weight, t.boundary_weight, t.boundary_width,
+                       t.dice_weight, t.class_weights)
+    opt = build_optimizer(model, t)
+    batches = [{"image": torch.randn(batch, s.model.in_channels, crop, crop),
+                "label": torch.randint(0, s.model.num_classes, (batch, crop, crop))} for _ in range(accum)]
+    counter = SyncCounter()  # AdamW is fused (build_optimizer): its step counters live beside the parameters
+
+    def step() -> bool:
+        losses, took = run_step_group(model, loss_fn, batches, [1 / accum] * accum, opt, None,
+                                      Precision(False, torch.float32), torch.device("cpu"), t.grad_clip)
+        values = list(losses.values())
+        if values and isinstance(values[0], torch.Tensor):  # the trainer reads them once per step
+            torch.stack(values).tolist()
+        return took
+
+    step()
+    with counter:
+        took = step()
+    assert took, "the step was not taken"
+    return counter.n
+
+
 def table(results: dict[str, tuple[Counter, Counter]]) -> str:
     """Per part and route: aten ops (of which launch a kernel)."""
     routes = list(results)
@@ -202,11 +275,19 @@ def table(results: dict[str, tuple[Counter, Counter]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="batch 1, crop 64: checks the script, not the figures")
+    ap.add_argument("--syncs", action="store_true", help="host syncs per optimizer step at accum 1 and 4 only")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--crop", type=int, default=256)
     args = ap.parse_args()
     batch, crop = (1, 64) if args.smoke else (args.batch, args.crop)
     torch.set_num_threads(1)  # the dispatch mode is per thread: the scan's worker threads would escape it
+    if args.syncs:
+        b, c = (1, 64) if args.smoke else (2, 128)
+        counts = {a: count_syncs(a, b, c) for a in (1, 4)}
+        print(f"host syncs per optimizer step (run_step_group + the trainer's loss read), batch {b}, crop {c}:")
+        for a, n in counts.items():
+            print(f"  --accum {a}: {n} (target <= {SYNC_TARGET}): {'met' if n <= SYNC_TARGET else 'NOT met'}")
+        return
     results = {route: count_step(route, batch, crop) for route in ("torch", "torch_parallel", "triton")}
     print(f"aten ops (of which launch a kernel) of one training step, batch {batch}, crop {crop}, "
           f"default network, foreach AdamW\n")

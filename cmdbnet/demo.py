@@ -24,7 +24,7 @@ from cmdbnet.evaluation import evaluate
 from cmdbnet.inference.files import predict
 from cmdbnet.inference.preview import save_preview
 from cmdbnet.models import build_model
-from cmdbnet.runtime import pick_device, resolve_precision
+from cmdbnet.runtime import configure_cuda, pick_device, resolve_precision
 from cmdbnet.settings import PredictSettings, Settings, load_settings
 from cmdbnet.training.optim import build_optimizer
 
@@ -42,21 +42,29 @@ def demo_settings(out: Path, device: str, max_steps: int, minutes: float) -> Set
     })
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _step_seconds(settings: Settings, device: torch.device) -> float:
     """Time two training steps of the demo network, to size its schedule to the time budget."""
     model_cfg = settings.model.model_copy(update={"num_classes": 6, "in_channels": 3})
+    configure_cuda(device, settings.train.tf32)  # as training runs it
     net = build_model(model_cfg).to(device).train()
     opt = build_optimizer(net, settings.train)  # as training builds it (fused)
     x = torch.randn(settings.train.batch, 3, settings.data.crop, settings.data.crop, device=device)
     y = torch.randint(0, 6, (settings.train.batch, settings.data.crop, settings.data.crop), device=device)
     times = []
     for _ in range(2):
+        _synchronize(device)
         t0 = time.perf_counter()
         out = net(x)
         loss = torch.nn.functional.cross_entropy(out["seg"], y)
         loss.backward()
         opt.step()
         opt.zero_grad()
+        _synchronize(device)  # CUDA runs asynchronously: without this the clock stops at the last launch
         times.append(time.perf_counter() - t0)
     return min(times) * 1.15  # data loading, aux/boundary losses
 

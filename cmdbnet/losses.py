@@ -49,16 +49,15 @@ def dice_loss(
     """
     k = logits.shape[1]
     valid = torch.ones_like(labels, dtype=torch.bool) if ignore_index is None else labels != ignore_index
-    if not valid.any():
-        return logits.sum() * 0.0
     probs = logits.float().softmax(1) * valid.unsqueeze(1)
-    onehot = F.one_hot(torch.where(valid, labels, 0), k).permute(0, 3, 1, 2).float()
-    onehot = onehot * valid.unsqueeze(1)
+    # one-hot by comparison: F.one_hot reads the labels' min and max back to the host on CPU
+    classes = torch.arange(k, device=labels.device).view(1, k, 1, 1)
+    onehot = (labels.unsqueeze(1) == classes).float() * valid.unsqueeze(1)
     inter = (probs * onehot).sum((0, 2, 3))
     denom = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
     dice = (2 * inter + smooth) / (denom + smooth)
-    present = onehot.sum((0, 2, 3)) > 0
-    return (1.0 - dice)[present].mean()
+    present = (onehot.sum((0, 2, 3)) > 0).float()  # no pixel valid: no class present, loss 0
+    return ((1.0 - dice) * present).sum() / present.sum().clamp_min(1.0)  # mean over present, no host sync
 
 
 @torch.no_grad()
@@ -108,15 +107,13 @@ def boundary_loss(
     logits = _fp32(logits, tuple(target.shape[-2:]))
     target = target.float()
     vf = valid.float()
-    n_valid = vf.sum()
-    if n_valid == 0:
-        return logits.sum() * 0.0
+    n_valid = vf.sum().clamp_min(1.0)  # every term is 0 without valid pixels; no host sync to test for it
     if pos_weight is None:
         pos = (target * vf).sum()
         neg = n_valid - pos
         pw = (neg / pos.clamp_min(1.0)).clamp(1.0, max_pos_weight)
     else:
-        pw = torch.tensor(float(pos_weight), device=logits.device)
+        pw = logits.new_full((), float(pos_weight))
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none", pos_weight=pw)
     bce = (bce * vf).sum() / n_valid
     prob = torch.sigmoid(logits) * vf
@@ -156,10 +153,12 @@ class SegLoss(nn.Module):
         with torch.autocast(device_type=logits.device.type, enabled=False):
             x = _fp32(logits, tuple(labels.shape[-2:]))
             ii = -100 if self.ignore_index is None else self.ignore_index
-            if not (labels != ii).any():
-                return x.sum() * 0.0  # CE's mean over zero pixels would be NaN
             w = None if self.class_weights is None else self.class_weights.to(x.device)
-            loss = F.cross_entropy(x, labels, weight=w, ignore_index=ii)
+            # CE's own mean divides by the summed weight of the valid pixels: NaN over none. The same
+            # sum over that weight clamped to a pixel's, without a host sync to test for it.
+            valid = labels != ii
+            total = valid.sum().float() if w is None else (w[torch.where(valid, labels, 0)] * valid).sum()
+            loss = F.cross_entropy(x, labels, weight=w, ignore_index=ii, reduction="sum") / total.clamp_min(1e-12)
             if self.dice_weight:
                 loss = loss + self.dice_weight * dice_loss(x, labels, self.ignore_index)
             return loss

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -126,6 +127,44 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def broadcast_module(module: torch.nn.Module, info: DistInfo, buffers_only: bool = False) -> None:
+    """Give every rank rank 0's parameters (unless ``buffers_only``) and buffers (BatchNorm statistics)."""
+    if not (info.enabled and dist.is_initialized()):
+        return
+    tensors = list(module.buffers()) if buffers_only else [*module.parameters(), *module.buffers()]
+    with torch.no_grad():
+        for t in tensors:
+            dist.broadcast(t.data, src=0)
+
+
+def end_distributed(info: DistInfo) -> None:
+    """Leave the process group (at the end of a run, also a failed one), so no rank keeps its peers waiting."""
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Hand the caching allocator's free blocks back to the driver (after an out-of-memory error)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def configure_cuda(device: torch.device, tf32: bool | None = None) -> None:
+    """Fast CUDA defaults for fixed input shapes: cuDNN autotuning, and TF32 for fp32 when ``tf32``.
+
+    Why: training crops and predict windows keep one shape, so cuDNN's per-shape search pays
+    off after the first batch; TF32 runs fp32 matmuls and convolutions on the tensor cores of
+    Ampere and later cards (a 10-bit mantissa; AMP runs are unaffected). ``tf32=None`` leaves
+    torch's choice. Nothing happens on other devices.
+    """
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    if tf32 is not None:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
 def memory_stats(device: torch.device) -> dict[str, float]:
     """Memory in MiB: CUDA allocated/reserved on a GPU, process RSS on CPU."""
     if device.type == "cuda":
@@ -160,4 +199,14 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", np_s["keys"].numpy().astype(np.uint32), np_s["pos"],
                          np_s["has_gauss"], np_s["cached"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        _set_cuda_rng_states(list(state["cuda"]))
+
+
+def _set_cuda_rng_states(saved: list[torch.Tensor]) -> None:
+    """Restore the saved CUDA generators that exist here; warn once when the machine has fewer GPUs."""
+    n = torch.cuda.device_count()
+    for i, s in enumerate(saved[:n]):
+        torch.cuda.set_rng_state(s, i)
+    if len(saved) > n:
+        warnings.warn(f"the checkpoint holds the random state of {len(saved)} GPUs, this machine has {n}: "
+                      f"restored the first {n}; a resumed run is not bit-exact", RuntimeWarning, stacklevel=3)

@@ -123,6 +123,7 @@ class TrainSettings(_Section):
     sync_bn: bool = False
     log_images: int = Field(4, ge=0)
     max_nonfinite: int = Field(20, ge=1, description="consecutive non-finite losses before stopping")
+    tf32: bool = Field(True, description="on Ampere and later CUDA cards, fp32 matmuls and convolutions in TF32")
     fit_vram: str | None = Field(None, description="memory budget, e.g. 6GB: pick the fastest fitting recipe")
     resume: Path | None = None
     overwrite: bool = Field(False, description="start over in a run folder that already holds a run")

@@ -147,3 +147,63 @@ def test_autocast_bf16_cpu():
 def test_class_weights_validated():
     with pytest.raises(ValueError):
         SegLoss(4, class_weights=[1.0, 2.0])
+
+
+# The formulas before the losses stopped syncing with the host (``.any()``, boolean indexing,
+# ``n_valid == 0``): the device-side forms must give the same numbers.
+def _old_dice(logits, labels, ignore_index=255, smooth=1.0):
+    k = logits.shape[1]
+    valid = labels != ignore_index
+    if not valid.any():
+        return logits.sum() * 0.0
+    probs = logits.float().softmax(1) * valid.unsqueeze(1)
+    onehot = F.one_hot(torch.where(valid, labels, 0), k).permute(0, 3, 1, 2).float() * valid.unsqueeze(1)
+    inter = (probs * onehot).sum((0, 2, 3))
+    dice = (2 * inter + smooth) / (probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3)) + smooth)
+    return (1.0 - dice)[onehot.sum((0, 2, 3)) > 0].mean()
+
+
+def _old_boundary(logits, target, valid, pos_weight=None, max_pos_weight=10.0, smooth=1.0):
+    vf = valid.float()
+    n_valid = vf.sum()
+    if n_valid == 0:
+        return logits.sum() * 0.0
+    pos = (target * vf).sum()
+    pw = ((n_valid - pos) / pos.clamp_min(1.0)).clamp(1.0, max_pos_weight) if pos_weight is None \
+        else torch.tensor(float(pos_weight))
+    bce = (F.binary_cross_entropy_with_logits(logits, target, reduction="none", pos_weight=pw) * vf).sum() / n_valid
+    prob, t = torch.sigmoid(logits) * vf, target * vf
+    return bce + 1.0 - (2 * (prob * t).sum() + smooth) / (prob.sum() + t.sum() + smooth)
+
+
+def _old_seg(x, labels, weights=None, ignore_index=255):
+    if not (labels != ignore_index).any():
+        return x.sum() * 0.0
+    return F.cross_entropy(x, labels, weight=weights, ignore_index=ignore_index) + _old_dice(x, labels)
+
+
+@pytest.mark.parametrize("case", ["some_ignored", "class_absent", "all_ignored", "class_weights", "pos_weight"])
+def test_device_side_losses_equal_the_old_formulas(case):
+    labels = _labels(k=5, seed=3)
+    labels[0, :4] = 255
+    if case == "class_absent":
+        labels[labels == 2] = 1
+    if case == "all_ignored":
+        labels[:] = 255
+    weights = torch.tensor([0.5, 1.0, 2.0, 1.0, 0.3]) if case == "class_weights" else None
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 16, 16, generator=gen, requires_grad=True)
+    b = torch.randn(2, 1, 16, 16, generator=gen, requires_grad=True)
+    target = boundary_targets(labels, 1)
+    valid = (labels != 255).unsqueeze(1)
+    pw = 3.0 if case == "pos_weight" else None
+    new = [SegLoss(5, 255, 1.0, weights)(x, labels), boundary_loss(b, target, valid, pw)]
+    old = [_old_seg(x, labels, weights), _old_boundary(b, target, valid, pw)]
+    # CE's weighted mean and Dice's mean over present classes add in another order: 1 ulp apart
+    exact = case not in ("class_weights", "class_absent")
+    for n, o in zip(new, old):
+        gn, go = torch.autograd.grad(n, (x, b), allow_unused=True), torch.autograd.grad(o, (x, b), allow_unused=True)
+        torch.testing.assert_close(n, o, rtol=0 if exact else 1e-6, atol=0 if exact else 1e-7)
+        for a, c in zip(gn, go):
+            if a is not None or c is not None:
+                torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-9)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cmdbnet.runtime import inference_precision
+from cmdbnet.runtime import configure_cuda, inference_precision
 
 TTA = Literal["none", "flip", "d4"]
 RAMP_FLOOR = 1e-3  # keeps every covered pixel's weight positive
@@ -189,6 +189,7 @@ class StripPredictor:
                  probs: bool = True):
         self.model = model
         self.device = torch.device(device)
+        configure_cuda(self.device)  # fixed window shape: cuDNN autotunes once
         self.mean = torch.as_tensor(mean, dtype=torch.float32, device=self.device).view(-1, 1, 1)
         self.std = torch.as_tensor(std, dtype=torch.float32, device=self.device).view(-1, 1, 1)
         self.tile = (tile, tile) if isinstance(tile, int) else tuple(tile)
@@ -234,7 +235,8 @@ class StripPredictor:
             if i < first or i >= i1:
                 continue
             rows = reflect_index(np.arange(y0, y0 + gy.tile), height)
-            strip = torch.from_numpy(np.ascontiguousarray(read(rows, cols))).to(dev, non_blocking=True)
+            strip = torch.from_numpy(np.ascontiguousarray(read(rows, cols)))
+            strip = (strip.pin_memory() if dev.type == "cuda" else strip).to(dev, non_blocking=True)  # async only from pinned
             for j0 in range(0, gx.count, self.batch):
                 js = range(j0, min(j0 + self.batch, gx.count))
                 x = torch.stack([strip[:, :, j * gx.stride:j * gx.stride + gx.tile] for j in js])

@@ -16,6 +16,7 @@ next (largest first), larger crops last.
 from __future__ import annotations
 
 import functools
+import gc
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,10 +27,10 @@ from cmdbnet.errors import CmdbError
 from cmdbnet.losses import CMDBLoss
 from cmdbnet.models import build_model
 from cmdbnet.profiling.tracing import cuda_scan_backend, skeleton, trace_forward, trace_loss
-from cmdbnet.runtime import pick_device, resolve_precision
+from cmdbnet.runtime import configure_cuda, pick_device, resolve_precision
 from cmdbnet.settings import ModelSettings, Settings
 from cmdbnet.training.optim import build_optimizer
-from cmdbnet.training.step import run_step_group
+from cmdbnet.training.step import StepOutOfMemory, run_step_group
 from cmdbnet.utils import format_bytes, parse_bytes
 
 MiB = 2**20
@@ -233,10 +234,12 @@ def measure_cuda(settings: Settings, steps: int = 3) -> MemoryReport:
     """
     c, dev = MemoryConfig.from_settings(settings), pick_device("cuda")
     ms, t = settings.model, settings.train
+    configure_cuda(dev, t.tf32)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(dev)
     base = torch.cuda.memory_allocated(dev)
     net = opt = None
+    oom = False
     try:
         net = build_model(ms.model_copy(update={"pretrained": "off", "backbone_weights": None})).to(dev).train()
         weights = torch.cuda.memory_allocated(dev) - base
@@ -262,12 +265,15 @@ def measure_cuda(settings: Settings, steps: int = 3) -> MemoryReport:
         torch.cuda.synchronize(dev)
         peak_alloc = torch.cuda.max_memory_allocated(dev) - base
         peak = torch.cuda.max_memory_reserved(dev)
-    except torch.OutOfMemoryError:
-        total = torch.cuda.get_device_properties(dev).total_memory
-        raise CmdbError(f"{c.describe()} does not fit on this GPU ({format_bytes(total)}): out of memory") from None
+    except (torch.OutOfMemoryError, StepOutOfMemory):
+        oom = True  # raised below: a traceback kept alive here would hold the failed step's tensors
     finally:
         del net, opt
-        torch.cuda.empty_cache()  # the next measurement starts from an empty cache
+    gc.collect()
+    torch.cuda.empty_cache()  # the next measurement starts from an empty cache
+    if oom:
+        total = torch.cuda.get_device_properties(dev).total_memory
+        raise CmdbError(f"{c.describe()} does not fit on this GPU ({format_bytes(total)}): out of memory")
     activations = peak_alloc - weights - grads - optimizer
     name = torch.cuda.get_device_name(dev)
     notes = [f"measured on {name}: {steps} training steps of {n} micro-batch(es), peaks over the last {steps - 1}",

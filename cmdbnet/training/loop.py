@@ -11,6 +11,7 @@ run ends with the same weights.
 from __future__ import annotations
 
 import functools
+import gc
 import math
 import shutil
 import time
@@ -30,9 +31,13 @@ from cmdbnet.models import build_model
 from cmdbnet.runtime import (
     all_reduce_sum,
     barrier,
+    broadcast_module,
+    configure_cuda,
+    end_distributed,
     init_distributed,
     memory_stats,
     pick_device,
+    release_cached_memory,
     resolve_precision,
     rng_state,
     seed_everything,
@@ -42,7 +47,7 @@ from cmdbnet.settings import Settings
 from cmdbnet.training.console import TrainUI, scan_note
 from cmdbnet.training.optim import build_optimizer, build_scheduler
 from cmdbnet.training.setup import check_train_inputs, dataset_info, prepare_run_dir, settings_for_data
-from cmdbnet.training.step import run_step_group
+from cmdbnet.training.step import StepOutOfMemory, run_step_group
 from cmdbnet.training.tensorboard import TBLogger, preview_strip
 from cmdbnet.utils import write_text_atomic
 
@@ -67,7 +72,16 @@ class Trainer:
                  stop_after_steps: int | None = None, fault_hook: Callable[[int, int], None] | None = None,
                  fit_note: str = ""):
         self.dist = init_distributed(settings.train.device)
+        try:
+            self._setup(settings, progress, stop_after_steps, fault_hook, fit_note)
+        except BaseException:
+            end_distributed(self.dist)
+            raise
+
+    def _setup(self, settings: Settings, progress: bool, stop_after_steps: int | None,
+               fault_hook: Callable[[int, int], None] | None, fit_note: str) -> None:
         self.device = pick_device(settings.train.device, self.dist.local_rank)
+        configure_cuda(self.device, settings.train.tf32)
         if settings.train.fit_vram:
             raise CmdbError("train.fit_vram is resolved before the run starts (cmdbnet.api.resolve_fit_vram)")
         self.run_dir = Path(settings.train.out)
@@ -85,9 +99,10 @@ class Trainer:
         net = build_model(settings.model).to(self.device)
         if self.cfg.sync_bn and self.dist.enabled:
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        self.net = net
-        self.model = net if not self.dist.enabled else torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        # no DistributedDataParallel: run_step_group averages the gradients itself, after the ranks
+        # agree the step went well (so an out-of-memory error on one rank cannot hang the others)
+        broadcast_module(net, self.dist)
+        self.net = self.model = net
         self.loss_fn = CMDBLoss.from_settings(self.cfg, settings.model.num_classes,
                                               self.info["ignore_index"]).to(self.device)
         self.optimizer = build_optimizer(net, self.cfg)
@@ -149,11 +164,15 @@ class Trainer:
         return save_checkpoint(self.run_dir / name, payload)
 
     # ------------------------------------------------------------------ loop
-    def _back_off(self, exc: BaseException) -> None:
-        """Halve the micro-batch, double accumulation: same effective batch, less memory."""
+    def _back_off(self) -> None:
+        """Halve the micro-batch, double accumulation: same effective batch, less memory.
+
+        Every rank calls it at the same step (the ranks agree on an out-of-memory error in
+        run_step_group), outside any ``except`` block: no traceback keeps the failed step alive.
+        """
         self.optimizer.zero_grad(set_to_none=True)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        gc.collect()
+        release_cached_memory(self.device)
         if self.micro_batch <= 1:
             self.save("last.pt")
             raise CmdbError("out of memory at micro-batch 1: lower --crop, use --checkpointing or --amp; "
@@ -168,16 +187,23 @@ class Trainer:
         self.loader = self._make_loader()
 
     def _epoch(self) -> None:
-        """Train from ``batches_done`` to the end of the epoch or to the last step."""
+        """Train from ``batches_done`` to the end of the epoch or to the last step; back off on OOM."""
+        while self._epoch_part() == "oom":
+            self._back_off()
+
+    def _epoch_part(self) -> str:
+        """Train until the epoch or the run ends ("done"), or until every rank ran out of memory ("oom")."""
         loader = self.loader
         loader.sampler.set_epoch(self.epoch)
         loader.sampler.skip = self.batches_done * self.micro_batch
         n_batches = self.n_batches = self.batches_done + batches_per_epoch(loader)
         it = iter(loader)
+        oom_late, group_start = False, self.batches_done
         while self.batches_done < n_batches:
             group_start = self.batches_done
             group_end = min((group_start // self.accum + 1) * self.accum, n_batches)
             rng0 = rng_state()
+            oom_late = False
             hook = (lambda: self.fault_hook(self.step, self.micro_batch)) if self.fault_hook else None
             try:
                 batches = [next(it) for _ in range(group_end - group_start)]
@@ -187,15 +213,17 @@ class Trainer:
                 losses, stepped = run_step_group(self.model, self.loss_fn, batches, weights, self.optimizer,
                                                  self.scaler, self.precision, self.device, self.cfg.grad_clip,
                                                  self.dist, hook, functools.partial(self._commit, group_end))
-            except torch.OutOfMemoryError as exc:
+            except StepOutOfMemory:  # every rank raised it, after dropping the failed step's tensors
                 self.batches_done = group_start
-                self._back_off(exc)
-                self._epoch()
-                return
+                return "oom"
+            except torch.OutOfMemoryError:  # in the optimizer step, after the ranks agreed
+                oom_late = True
             except KeyboardInterrupt:
                 if self.batches_done != group_end:  # interrupted before the step: roll the RNG back too
                     set_rng_state(rng0)
                 raise
+            if oom_late:
+                break
             if not stepped:
                 self.nonfinite += 1
                 self.consecutive_nonfinite += 1
@@ -205,6 +233,10 @@ class Trainer:
                     self._stop_nonfinite()
                 continue
             self.consecutive_nonfinite = 0
+            up = self._time_flag()
+            read = torch.stack([*losses.values(), *([up] if isinstance(up, torch.Tensor) else [])]).tolist()
+            losses = dict(zip(losses, read))  # the step's second host sync: the loss values and the time flag
+            up = bool(read[-1]) if isinstance(up, torch.Tensor) else up
             dt = time.perf_counter() - t0
             imgs = sum(sizes) * self.dist.world_size
             lr = self.optimizer.param_groups[0]["lr"]
@@ -213,10 +245,17 @@ class Trainer:
             self.tb.scalars({"train/lr": lr, "train/images_per_s": imgs / dt}, self.step)
             self.tb.scalars({f"memory/{k}": v for k, v in mem.items()}, self.step)
             self.ui.step(self.epoch + 1, self.step, self.total_steps, losses, lr, imgs / dt, mem)
-            if self.step >= self.total_steps or self._time_up():
-                return
+            if self.step >= self.total_steps or up:
+                return "done"
             if self.stop_after_steps is not None and self.step >= self.stop_after_steps:
                 raise KeyboardInterrupt
+        if oom_late:
+            self.batches_done = group_start
+            if self.dist.enabled:  # this rank alone, after the others stepped: it stops, torchrun stops them
+                raise CmdbError(f"out of memory in the optimizer step on rank {self.dist.rank}: lower --batch "
+                                "or use --checkpointing / --amp, then --resume from the last checkpoint")
+            return "oom"
+        return "done"
 
     def _commit(self, group_end: int, stepped: bool) -> None:
         """Bookkeeping of a finished step group; runs with Ctrl-C held back (see run_step_group)."""
@@ -235,15 +274,23 @@ class Trainer:
                         "order: NaN/inf pixels in the input (cmdb prepare reports them), a too high learning "
                         f"rate (lower --lr), fp16 overflow (--amp-dtype bf16 or --no-amp); {saved}")
 
-    def _time_up(self) -> bool:
-        """Whether the time budget is spent; ranks agree so none waits alone in a collective."""
+    def _time_flag(self) -> bool | torch.Tensor:
+        """Whether the time budget is spent: a bool alone, a device tensor (> 0: spent) that ranks agree on."""
         limit = self.cfg.time_limit_min
         if limit is None:
             return False
-        up = torch.tensor(float(time.monotonic() - self.t_start >= 60 * limit), device=self.device)
-        return bool(all_reduce_sum(up, self.dist) > 0)
+        up = time.monotonic() - self.t_start >= 60 * limit
+        if not self.dist.enabled:
+            return up
+        return all_reduce_sum(torch.full((), float(up), device=self.device), self.dist)
+
+    def _time_up(self) -> bool:
+        """Whether the time budget is spent; ranks agree so none waits alone in a collective."""
+        up = self._time_flag()
+        return bool(up > 0) if isinstance(up, torch.Tensor) else up
 
     def validate(self) -> dict[str, Any]:
+        broadcast_module(self.net, self.dist, buffers_only=True)  # every rank scores with rank 0's statistics
         scored = score_loader(self.model, self.val_loader, self.metrics, self.device, self.precision,
                               self.dist, keep_preview=self.cfg.log_images)
         m = scored.metrics
@@ -267,6 +314,7 @@ class Trainer:
         history: list[dict[str, Any]] = []
         last: dict[str, Any] | None = None
         self.ui.start(self.total_steps, self.step, self.describe())
+        finished = False
         try:
             done = False
             while not done:
@@ -288,21 +336,28 @@ class Trainer:
                     self.save("last.pt", last)
                     self.ui.log(f"epoch {self.epoch} step {self.step}: val mIoU {last['mIoU']:.4f} "
                                 f"OA {last['OA']:.4f} mF1 {last['mF1']:.4f} BIoU {last['boundary_iou']:.4f}")
+            finished = True
         except KeyboardInterrupt:
             self.save("last.pt")
             self.ui.stop()
             self.tb.close()
             barrier(self.dist)
             raise
-        except BaseException:
+        except CmdbError:
             self.tb.close()
-            if self.fresh and self.dist.is_main and not any(self.run_dir.glob("*.pt")):
-                shutil.rmtree(self.run_dir, ignore_errors=True)  # a failed new run leaves nothing behind
+            if self.fresh and self.dist.is_main and self.step == self.nonfinite == 0 and not any(self.run_dir.glob("*.pt")):
+                shutil.rmtree(self.run_dir, ignore_errors=True)  # bad input before any step leaves nothing behind
+            raise
+        except BaseException:
+            self.tb.close()  # a crash keeps the run folder: its settings and logs show what led there
             raise
         finally:
             self.ui.stop()
+            if not finished:
+                end_distributed(self.dist)
         self.tb.close()
         barrier(self.dist)
+        end_distributed(self.dist)
         return TrainResult(self.run_dir, self.step, self.epoch, self.best, last, self.nonfinite,
                            self.micro_batch, self.accum, history)
 
