@@ -109,3 +109,15 @@ def test_an_output_folder_in_the_input_folder_is_refused(tmp_path, inside):
 
 def test_the_tensorboard_command_is_quoted_for_the_shell():
     assert tensorboard_command(Path("Läufe/run 1")) == "tensorboard --logdir 'Läufe/run 1/tb'"
+
+
+def test_broken_links_among_raw_tiles_are_named(tmp_path):
+    from cmdbnet.data import raw
+    from cmdbnet.data.registry import get_spec
+
+    spec = get_spec("potsdam")
+    band = next(b for b in spec.bands if b.name == "rgb")
+    (tmp_path / "top_potsdam_2_10_RGB.tif").symlink_to(tmp_path / "moved_away.tif")
+    with pytest.warns(UserWarning, match=r"top_potsdam_2_10_RGB.tif is a symbolic link to .*moved_away.tif, which "
+                                         r"does not exist; skipped"):
+        assert raw._images_in(spec, band, tmp_path) == []

@@ -256,9 +256,11 @@ def library_file(cc: list[str], tunings: tuple[tuple[str, ...], ...] = TUNINGS) 
         if unsafe:
             try:
                 fresh = _fresh_folder()
+                again = _unsafe(fresh)
             except OSError as exc:
-                raise CacheError(f"{unsafe}, and no private folder can be made in {_temp_root()} "
-                                 f"({exc.strerror or exc})") from None
+                again = exc.strerror or str(exc)
+            if again:
+                raise CacheError(f"{unsafe}, and no private folder can be made in {_temp_root()} ({again})")
             _note(f"not loading or building the C library in {folder}: {unsafe}; building it in {fresh}")
             _build(cc, fresh / name, tunings, key)
             return fresh / name

@@ -43,11 +43,9 @@ _BWD_ARGS = [_I] * 6 + [_P] * 8 + [ctypes.c_int] + [_P] * 12
 
 def _open(cc: list[str]) -> ctypes.CDLL:
     """Load the checked library; where its OpenMP runtime cannot load here, one built without OpenMP."""
+    path = build.library_file(cc)
     try:
-        path = build.library_file(cc)
         lib = ctypes.CDLL(str(path))
-    except build.CompileError:
-        raise
     except OSError:
         path = build.library_file(cc, build.SERIAL_TUNINGS)
         lib = ctypes.CDLL(str(path))
