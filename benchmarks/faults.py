@@ -295,7 +295,8 @@ def cache_faults(work: Path) -> list[tuple[str, bool, str]]:
         root = work / "cache-faults" / name
         shutil.rmtree(root, ignore_errors=True)
         (root / "tmp").mkdir(parents=True, mode=0o700)
-        return root, {**ENV, "CMDB_CACHE_DIR": str(root / "cache"), "TMPDIR": str(root / "tmp")}
+        return root, {**ENV, "PYTHONWARNINGS": "default", "CMDB_CACHE_DIR": str(root / "cache"),
+                      "TMPDIR": str(root / "tmp")}
 
     def record(name: str, held: bool, detail: str) -> None:
         results.append((name, held, detail))
