@@ -22,8 +22,8 @@ def test_a_scan_backend_error_is_reported_as_itself_and_whole(tiny_ckpt, city, t
 
 
 def test_a_long_run_is_announced_before_it_starts(tiny_ckpt, city, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(files, "LARGE_RUN_WINDOWS", 4)
-    src = city.write_tif(tmp_path / "scene.tif", 96, 96, seed=1)
+    monkeypatch.setattr(files, "LARGE_RUN_WINDOWS", 2)
+    src = city.write_tif(tmp_path / "scene.tif", 64, 96, seed=1)
     files.predict(src, tmp_path / "out", tiny_ckpt, PredictSettings(tile=64, device="cpu"), progress=False)
     assert capsys.readouterr().err.splitlines() == [
-        "cmdb: note: 4 windows of 64 x 64 px to predict (0.0 Mpx in 1 file, 1 process)"]
+        "cmdb: note: 2 windows of 64 x 64 px to predict (0.0 Mpx in 1 file, 1 process)"]
