@@ -209,9 +209,14 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=12, help="cases in all, spread over the three commands")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", type=Path, help="work in this folder and keep it")
+    ap.add_argument("--cache-only", action="store_true", help="only the C library cache's cases")
     args = ap.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="cmdb-faults-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.cache_only:
+        cache = cache_faults(work)
+        print(f"\nC library cache: {sum(held for _, held, _ in cache)}/{len(cache)} cases held")
+        return
     cli = [sys.executable, "-m", "cmdbnet"]
     raw = work / "raw"
     if not raw.exists():
@@ -245,8 +250,126 @@ def main() -> None:
               flush=True)
         outcomes.append(o)
     report(outcomes, durations)
+    cache = cache_faults(work)
+    print(f"\nC library cache: {sum(held for _, held, _ in cache)}/{len(cache)} cases held")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
+
+
+PLANTED_C = """#include <stdio.h>
+__attribute__((constructor)) static void plant(void) {
+    FILE *f = fopen(MARKER, "w");
+    if (f) { fputs("planted code ran", f); fclose(f); }
+}
+int cmdb_openmp(void) { return 0; }
+"""
+
+
+def _doctor(env: dict[str, str]) -> tuple[int, dict, list[str]]:
+    """``cmdb doctor --json`` in a fresh process: (exit status, its native_scan report, stderr lines)."""
+    proc = subprocess.run([sys.executable, "-m", "cmdbnet", "doctor", "--json"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    try:
+        native = json.loads(proc.stdout)["native_scan"]
+    except (ValueError, KeyError):
+        native = {}
+    return proc.returncode, native, proc.stderr.strip().splitlines()
+
+
+def _library_name(env: dict[str, str]) -> str:
+    code = ("from cmdbnet.models.scan import build\n"
+            "print(f'scan-{build._key(build.compiler(), build.TUNINGS)[:16]}.so')")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def cache_faults(work: Path) -> list[tuple[str, bool, str]]:
+    """The C library cache's faults, each with its own cache and temporary folder: (case, held, detail).
+
+    Held means: no planted code ran, the process did not die by a signal, the library in use
+    passes its check (or the message names the real cause), and stderr holds only cmdb lines.
+    """
+    results = []
+
+    def fresh(name: str) -> tuple[Path, dict[str, str]]:
+        root = work / "cache-faults" / name
+        shutil.rmtree(root, ignore_errors=True)
+        (root / "tmp").mkdir(parents=True, mode=0o700)
+        return root, {**ENV, "PYTHONWARNINGS": "default", "CMDB_CACHE_DIR": str(root / "cache"),
+                      "TMPDIR": str(root / "tmp")}
+
+    def record(name: str, held: bool, detail: str) -> None:
+        results.append((name, held, detail))
+        print(f"cache {name:28s} held {held}  {detail}", flush=True)
+
+    def clean(err: list[str]) -> bool:
+        return all(line.startswith("cmdb: ") for line in err)
+
+    root, env = fresh("planted-temp-folder")
+    folder = root / "tmp" / f"cmdbnet-kernels-{os.getuid()}"
+    folder.mkdir()
+    (root / "p.c").write_text(PLANTED_C)
+    subprocess.run(["cc", "-shared", "-fPIC", f'-DMARKER="{root / "marker"}"', str(root / "p.c"), "-o",
+                    str(folder / _library_name(env))], check=True)
+    folder.chmod(0o777)
+    (root / "blocker").write_text("")
+    env["CMDB_CACHE_DIR"] = str(root / "blocker")
+    code, native, err = _doctor(env)
+    record("planted-temp-folder", code == 0 and not (root / "marker").exists() and native.get("ok")
+           and not str(native.get("library")).startswith(str(folder)) and clean(err), "; ".join(err)[:160])
+
+    for how in ("truncated", "corrupt", "stale"):
+        root, env = fresh(how)
+        code, native, _ = _doctor(env)
+        lib = Path(native["library"])
+        if how == "truncated":
+            data = lib.read_bytes()[: lib.stat().st_size // 2]
+        elif how == "corrupt":
+            data = os.urandom(lib.stat().st_size)
+        else:
+            (root / "old.c").write_text("int cmdb_openmp(void) { return 0; }\n")
+            subprocess.run(["cc", "-shared", "-fPIC", str(root / "old.c"), "-o", str(root / "old.so")], check=True)
+            data = (root / "old.so").read_bytes()
+            Path(str(lib) + ".json").unlink()
+        lib.write_bytes(data)
+        code, native, err = _doctor(env)
+        record(how, code == 0 and native.get("ok") and native.get("openmp") and clean(err) and len(err) == 1,
+               f"exit {code}; " + "; ".join(err)[:160])
+
+    root, env = fresh("hanging-compiler")
+    cc = root / "cc"
+    cc.write_text(f'#!/bin/sh\nfor a; do [ "$a" = --version ] && {{ echo hang; exit 0; }}; done\n'
+                  f'sleep 300 &\necho $! > {root / "child"}\nwait\n')
+    cc.chmod(0o755)
+    code = ("from cmdbnet.models.scan import build, native\nbuild.COMPILE_TIMEOUT = 2\n"
+            "print(native.library_error())")
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "CC": str(cc)}, capture_output=True, text=True,
+                         timeout=120).stdout.strip()
+    time.sleep(0.5)
+    child = int((root / "child").read_text())
+    record("hanging-compiler", "did not finish" in out and not _alive(child), out[:160])
+
+    root, env = fresh("killed-build-part")
+    kernels = root / "cache" / "kernels"
+    kernels.mkdir(parents=True, mode=0o700)
+    part = kernels / ".scan-0123456789abcdef.so.x1y2z3.part"
+    part.write_bytes(b"half")
+    os.utime(part, (time.time() - 3600, time.time() - 3600))
+    code, native, err = _doctor(env)
+    record("killed-build-part", code == 0 and native.get("ok") and not part.exists(), "; ".join(err)[:160])
+
+    root, env = fresh("cc-with-flags")
+    code, native, err = _doctor({**env, "CC": "gcc -std=gnu11"})
+    record("cc-with-flags", code == 0 and native.get("ok") and clean(err), "; ".join(err)[:160])
+
+    root, env = fresh("read-only-cache")
+    (root / "blocker").write_text("")
+    env.update(CMDB_CACHE_DIR=str(root / "blocker"), TMPDIR=str(root / "blocker" / "tmp"))
+    code, native, err = _doctor(env)
+    reason = native.get("reason") or ""
+    record("read-only-cache", code == 0 and "cannot store the C library" in reason and "compiler" not in reason
+           and clean(err), reason[:160])
+    return results
 
 
 def report(outcomes: list[Outcome], durations: dict[str, float]) -> None:

@@ -244,12 +244,38 @@ def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# CMDB_* variables that are not settings (read by the C library cache, the scan dispatcher and
+# the weights fetcher); every other CMDB_* variable must name a section or a field.
+OTHER_VARIABLES = ("CMDB_CACHE_DIR", "CMDB_SCAN_BACKEND", "CMDB_WEIGHTS_URL")
+
+
+def check_environment(environ: dict[str, str] | None = None) -> None:
+    """Refuse a CMDB_* variable that names no setting (``CMDB_TRAINING__BATCH``), naming the nearest
+    valid one: the environment source would ignore it silently."""
+    import difflib
+
+    sections = {name: field.annotation.model_fields for name, field in Settings.model_fields.items()}
+    valid = [*OTHER_VARIABLES, *(f"CMDB_{sec.upper()}" for sec in sections),
+             *(f"CMDB_{sec.upper()}__{key.upper()}" for sec, keys in sections.items() for key in keys)]
+    for key in sorted(os.environ if environ is None else environ):
+        name = key.upper()
+        if not name.startswith("CMDB_") or name in valid:
+            continue
+        parts = name[5:].lower().split("__")
+        if len(parts) > 2 and parts[0] in sections and parts[1] in sections[parts[0]]:
+            continue  # a nested value inside a field
+        near = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+        hint = f"; did you mean {near[0]}?" if near else "; settings variables look like CMDB_TRAIN__BATCH"
+        raise ConfigError(f"environment variable {key} names no setting{hint}")
+
+
 def load_settings(config: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
     """Build the effective settings: defaults < ``config`` YAML < CMDB_* env < ``overrides``.
 
     ``overrides`` is nested by section (``{"train": {"batch": 2}}``); None values mean
     "flag not given" and are dropped, so an unset flag never hides the file or environment.
     """
+    check_environment()
     token = _yaml_file.set(Path(config) if config else None)
     try:
         return Settings(**_drop_none(overrides or {}))

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import functools
 import hashlib
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -48,6 +50,25 @@ def atomic_path(final: str | os.PathLike, suffix: str | None = None) -> Iterator
         raise
 
 
+def broken_link(path: Path) -> str:
+    """``""``, or why ``path`` is a symbolic link that leads to no file (dangling, or a loop).
+
+    Why: a folder listing skips such an entry as "not a file"; the user must hear that an input
+    they linked in was left out.
+    """
+    if not path.is_symlink():
+        return ""
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return f"{path} is a symbolic link to {os.readlink(path)}, which does not exist; skipped"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{path} is a symbolic link loop; skipped"
+        return f"{path} is a symbolic link that cannot be followed ({exc.strerror}); skipped"
+    return ""
+
+
 def remove_partial_files(folder: Path, name: str = "*") -> int:
     """Delete the temporary files :func:`atomic_path` left in ``folder`` for final ``name`` (any
     name by default) when a process died before its rename; return how many."""
@@ -85,6 +106,8 @@ def parse_bytes(text: str | int | float) -> int:
         value = float(number)
     except ValueError:
         raise CmdbError(f"cannot read {text!r} as a size; write it like 6GB or 800MB") from None
+    if not math.isfinite(value):
+        raise CmdbError(f"size must be a finite number of bytes, got {text!r}; write it like 6GB or 800MB")
     if value <= 0:
         raise CmdbError(f"size must be positive, got {text!r}")
     return int(value * factor)
@@ -137,3 +160,28 @@ def file_sha256(path: Path, chunk: int = 2**20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+@functools.cache
+def quiet_libtiff() -> bool:
+    """Stop libtiff printing its own errors (``_tiffWriteProc: File too large.``) straight to stderr.
+
+    Why: GDAL reports the same failure to the caller, who prints one ``cmdb: error:`` line; the
+    raw line before it comes from libtiff's process-wide default handler, which GDAL's error
+    handling and ``CPL_LOG`` do not reach. Call after rasterio is imported; False where no
+    libtiff is loaded.
+    """
+    try:
+        with open("/proc/self/maps") as maps:
+            path = next((line.split()[-1] for line in maps if "libtiff" in line.rsplit("/", 1)[-1]), None)
+    except OSError:
+        return False
+    try:
+        setter = ctypes.CDLL(path).TIFFSetErrorHandler if path else None
+    except (OSError, AttributeError):
+        return False
+    if setter is None:
+        return False
+    setter.restype, setter.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    setter(None)
+    return True

@@ -22,6 +22,7 @@ import os
 import re
 import socket
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,7 +63,19 @@ def cached_file(name: str) -> Path:
 
 def weights_url(name: str) -> str:
     base = os.environ.get(URL_ENV) or BASE_URL
+    if urllib.parse.urlsplit(base).scheme.lower() not in ("http", "https", "file", "ftp"):
+        raise CmdbError(f"{URL_ENV}={base!r} is not a URL (no http://, https:// or file:// in front); write it "
+                        f"like http://mirror.local/models/")
     return base.rstrip("/") + "/" + FILES[_check_name(name)]
+
+
+def cache_state(name: str) -> str:
+    """``"ok"`` (cached, sha256 matching its name), ``"corrupt"`` (cached, not matching) or ``"missing"``."""
+    path = cached_file(name)
+    if not path.is_file():
+        return "missing"
+    want = hash_prefix(path.name)
+    return "ok" if not want or file_sha256(path).startswith(want) else "corrupt"
 
 
 def hash_prefix(filename: str) -> str | None:
@@ -86,10 +99,11 @@ def fetch(name: str, timeout: float = FETCH_TIMEOUT_S, force: bool = False,
           progress: Callable[[int, int | None], None] | None = None) -> Path:
     """Download the ImageNet weights of ``name`` into the cache (checked); returns the file.
 
-    ``progress(bytes_so_far, total_or_None)`` is called after each chunk.
+    ``progress(bytes_so_far, total_or_None)`` is called after each chunk. A cached file whose
+    sha256 does not match its name is downloaded again.
     """
     dst = cached_file(name)
-    if dst.is_file() and not force:
+    if not force and cache_state(name) == "ok":
         return dst
     url, want = weights_url(name), hash_prefix(dst.name)
     digest = hashlib.sha256()

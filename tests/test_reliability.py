@@ -277,9 +277,36 @@ def _small_command_cases(c: dict) -> None:
 
 
 
+def _out_inside_input(w, t: Path) -> Case:
+    (t / "in").mkdir()
+    shutil.copy(w.tif, t / "in" / "scene.tif")
+    return Case(_predict(w, t / "in", t / "in" / "masks"), "input folder", [t / "in" / "masks"])
+
+
+def _dangling_link_input(w, t: Path) -> Case:
+    (t / "gone.tif").symlink_to(t / "deleted.tif")
+    return Case(_predict(w, t / "gone.tif", t / "m.tif"), "gone.tif", [t / "m.tif"])
+
+
+def _second_sweep_cases(c: dict) -> None:
+    """Cases of the second reliability sweep: environment, sizes, URLs, output folders, links (a scan
+    backend that cannot run: tests/inference/test_predict_notes.py)."""
+    typo = {"CMDB_TRAINING__BATCH": "2"}
+    c["config-misspelled-env-section"] = lambda w, t: Case(["config", "show"], "CMDB_TRAIN__BATCH", env=typo)
+    c["train-misspelled-env-section"] = lambda w, t: Case(_train(w, w.prepared, t / "r"), "CMDB_TRAINING__BATCH",
+                                                          [t / "r"], env=typo)
+    for budget in ("inf", "nanGB"):
+        c[f"profile-vram-budget-{budget}"] = lambda w, t, b=budget: Case(["profile-vram", "--budget", b], b)
+    c["weights-url-without-scheme"] = lambda w, t: Case(["weights", "fetch", "resnet18"], "CMDB_WEIGHTS_URL",
+                                                        env={"CMDB_WEIGHTS_URL": "mirror.local/models/"})
+    c["predict-out-inside-input"] = _out_inside_input
+    c["predict-dangling-link-input"] = _dangling_link_input
+
+
 def _cases() -> dict[str, callable]:
     c: dict[str, callable] = {}
-    for add in (_prepare_cases, _synth_cases, _train_cases, _evaluate_cases, _predict_cases, _small_command_cases):
+    for add in (_prepare_cases, _synth_cases, _train_cases, _evaluate_cases, _predict_cases, _small_command_cases,
+                _second_sweep_cases):
         add(c)
     return c
 

@@ -158,3 +158,28 @@ def test_unknown_backbone_and_missing_file(server):
     assert res.exit_code == 2 and "unknown backbone 'resnet101'" in res.stderr
     res = CliRunner().invoke(app, ["weights", "fetch", "resnet34", "--timeout", "2"])
     assert res.exit_code == 2 and "HTTP 404" in res.stderr and cache_listing() == []
+
+
+def test_fetch_checks_a_cached_files_sha256_and_downloads_a_corrupt_one_again(server, resnet18_file):
+    name, data, _ = resnet18_file
+    cached = weights.cached_file("resnet18")
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(data[: len(data) // 2])  # a download cut short by another tool
+    res = CliRunner().invoke(app, ["weights", "fetch", "resnet18"])
+    assert res.exit_code == 0 and "sha256 did not match its name: downloaded again" in res.stdout
+    assert cached.read_bytes() == data and server.requests == [f"/models/{name}"]
+    res = CliRunner().invoke(app, ["weights", "fetch", "resnet18"])
+    assert res.exit_code == 0 and "already cached, sha256 checked" in res.stdout and len(server.requests) == 1
+
+
+@pytest.mark.parametrize("command", [["weights", "fetch", "resnet18"], "auto"])
+def test_a_weights_url_without_a_scheme_is_one_clear_error(server, monkeypatch, command):
+    monkeypatch.setenv(weights.URL_ENV, "127.0.0.1:9/models/")
+    if command == "auto":
+        with pytest.raises(CmdbError, match=r"CMDB_WEIGHTS_URL='127.0.0.1:9/models/' is not a URL"):
+            ResNetEncoder("resnet18", 3, "auto")
+        return
+    res = CliRunner().invoke(app, command)
+    assert res.exit_code == 2 and res.stderr.splitlines() == [
+        "cmdb: error: CMDB_WEIGHTS_URL='127.0.0.1:9/models/' is not a URL (no http://, https:// or file:// in "
+        "front); write it like http://mirror.local/models/"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import signal
 import sys
+import warnings
 
 import click
 import typer
@@ -54,13 +55,20 @@ def _usage_errors() -> tuple[type[Exception], ...]:
 _USAGE_ERRORS = _usage_errors()
 
 
+def warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning raised anywhere in a command: one ``cmdb: warning:`` line, no source excerpt."""
+    typer.echo(f"cmdb: warning: {' '.join(str(message).strip().splitlines())}", err=True)
+
+
 def main() -> None:
-    """Console-script entry point: a flag or value click rejects is one line too, like any bad input."""
+    """Console-script entry point: a flag or value click rejects is one line too, like any bad input;
+    a warning from any library is one ``cmdb: warning:`` line."""
     reuse_freed_memory()
+    warnings.showwarning = warning_line
     try:
         code = app(prog_name="cmdb", standalone_mode=False)
     except _USAGE_ERRORS as exc:
-        hint = f" (see cmdb {exc.ctx.info_name} --help)" if exc.ctx is not None and exc.ctx.parent else ""
+        hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None and exc.ctx.parent else ""
         typer.echo(f"cmdb: error: {exc.format_message()}{hint}", err=True)
         sys.exit(2)
     except (click.Abort, typer.Abort):

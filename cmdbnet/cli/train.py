@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 from typing import Optional
 
@@ -77,7 +78,12 @@ def train_command(
     if m:
         console.print(metrics_table({**m, "protocol": {}}, f"validation after {result.steps} steps"))
     console.print(f"best val mIoU {fmt(result.best_miou)} | checkpoints {result.run_dir}/best.pt, last.pt | "
-                  f"TensorBoard: tensorboard --logdir {result.run_dir / 'tb'}")
+                  f"TensorBoard: {tensorboard_command(result.run_dir)}")
+
+
+def tensorboard_command(run_dir: Path) -> str:
+    """The command to paste into a shell, quoted (``Läufe/run 1/tb``)."""
+    return f"tensorboard --logdir {shlex.quote(str(run_dir / 'tb'))}"
 
 
 def _checked_train(settings, as_json: bool):

@@ -38,13 +38,16 @@ def fetch_cmd(
     from cmdbnet import weights
 
     for name in names or ["resnet34"]:
-        had = weights.cached_file(name).is_file() and not force
+        weights.weights_url(name)  # a bad name or CMDB_WEIGHTS_URL: one error line, before any progress bar
+    for name in names or ["resnet34"]:
+        before = "missing" if force else weights.cache_state(name)
         with Progress(TextColumn(name), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                       console=err_console, transient=True) as bar:
             task = bar.add_task(name, total=None)
             path = weights.fetch(name, timeout=timeout, force=force,
                                  progress=lambda done, total, t=task: bar.update(t, completed=done, total=total))
-        state = "already cached" if had else "downloaded, sha256 checked"
+        state = {"ok": "already cached, sha256 checked", "missing": "downloaded, sha256 checked",
+                 "corrupt": "the cached file's sha256 did not match its name: downloaded again, sha256 checked"}[before]
         console.print(f"{name}: {path} ({format_bytes(path.stat().st_size)}, {state})", highlight=False,
                       soft_wrap=True)
 

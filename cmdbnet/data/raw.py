@@ -31,6 +31,7 @@ from rasterio.windows import Window
 
 from cmdbnet.data.registry import BandChoice, DatasetSpec, get_spec
 from cmdbnet.errors import CmdbError
+from cmdbnet.utils import broken_link
 
 PRESPLIT_NAMES = ("train", "val", "test")
 
@@ -90,6 +91,8 @@ def _images_in(spec: DatasetSpec, band: BandChoice, folder: Path) -> list[tuple[
     found = []
     for path in sorted(folder.iterdir()):
         m = pattern.match(path.name)
+        if m and broken_link(path):
+            warnings.warn(broken_link(path), UserWarning, stacklevel=2)
         if not m or not path.is_file():
             continue
         tag = m.groupdict().get("tag")

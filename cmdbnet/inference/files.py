@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import warnings
 from collections.abc import Iterable
@@ -47,7 +48,14 @@ from cmdbnet.inference.gis import (
     write_polygons,
     write_vrt,
 )
-from cmdbnet.inference.rasters import OUTPUT_EXTS, ModelMeta, check_input, expand_inputs, plan_outputs
+from cmdbnet.inference.rasters import (
+    OUTPUT_EXTS,
+    ModelMeta,
+    check_input,
+    check_output_outside_inputs,
+    expand_inputs,
+    plan_outputs,
+)
 from cmdbnet.inference.resume import (
     RunLock,
     clean_parts,
@@ -67,6 +75,7 @@ __all__ = ["predict", "forward_tta", "predict_array", "pick_device", "load_predi
 
 SUMMARY_NAME = "predict_summary.json"
 MOSAIC_NAME = "mosaic.vrt"
+LARGE_RUN_WINDOWS = 5_000  # from this many windows on, say so before starting
 
 
 class PredictNote(UserWarning):
@@ -91,9 +100,11 @@ def load_predictor_model(checkpoint: str | os.PathLike, device: torch.device):
     probe = torch.zeros((1, meta.band_count, 64, 64), device=device)
     try:
         probs, bnd = forward_tta(model, probe, "none")
+    except CmdbError:  # the scan backend cannot run here (CMDB_SCAN_BACKEND): its own message
+        raise
     except RuntimeError as exc:
-        raise CmdbError(f"{path}: the network does not run on {meta.band_count}-band input "
-                        f"({str(exc).splitlines()[0][:160]})") from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CmdbError(f"{path}: the network does not run on {meta.band_count}-band input ({first})") from None
     if probs.shape[1] != len(meta.classes):
         raise CmdbError(f"{path}: the network predicts {probs.shape[1]} classes but the checkpoint "
                         f"names {len(meta.classes)}")
@@ -135,6 +146,7 @@ def predict(inputs: str | os.PathLike | Iterable[str | os.PathLike], out: str | 
     try:
         items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
         files = expand_inputs(items)
+        check_output_outside_inputs(items, out)
         plans = plan_outputs(files, out, s)
         out = Path(out)
         single = not out.is_dir() and out.suffix.lower() in OUTPUT_EXTS
@@ -262,6 +274,8 @@ class _Run:
         summaries, error, failed = [], None, {}
         total = sum(self.predictor.count_windows(self.survey[u.file][0].height, self.survey[u.file][0].width,
                                                  u.rows) for u in mine)
+        if self.dinfo.is_main:
+            self._announce()
         # each rank compiles its own copy, so its own share of windows must pay the compile back
         self.compiled = compile_predictor(self.predictor, total, self.meta.band_count, self.s.compile)
         with Progress(self.progress, total) as bar:
@@ -282,6 +296,20 @@ class _Run:
                 summaries.append({**summary, "file": u.file, "part": u.part, "parts": u.parts,
                                   "rank": self.dinfo.rank})
         return {"summaries": summaries, "error": error, "failed": failed}
+
+    def _announce(self) -> None:
+        """One line before a long run starts: how many windows and pixels lie ahead (all ranks)."""
+        units = [u for shard in self.shards for u in shard]
+        windows = sum(self.predictor.count_windows(self.survey[u.file][0].height, self.survey[u.file][0].width,
+                                                   u.rows) for u in units)
+        if windows < LARGE_RUN_WINDOWS:
+            return
+        files = {u.file for u in units}
+        mpx = sum(self.survey[i][0].height * self.survey[i][0].width for i in files) / 1e6
+        sys.stderr.write(f"cmdb: note: {windows:,} windows of {self.s.tile} x {self.s.tile} px to predict "
+                         f"({mpx:,.1f} Mpx in {len(files)} file{'s' * (len(files) != 1)}, "
+                         f"{self.dinfo.world_size} process{'es' * (self.dinfo.world_size != 1)})\n")
+        sys.stderr.flush()
 
     def _collect(self, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """One summary per input in input order: predicted (bands merged), skipped, or none if failed."""

@@ -35,6 +35,7 @@ from rasterio.windows import Window
 from cmdbnet.errors import CmdbError
 from cmdbnet.palette import palette_lut
 from cmdbnet.settings import PredictSettings
+from cmdbnet.utils import broken_link
 
 NODATA_INDEX = 255
 RASTER_EXTS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".jp2", ".img", ".vrt", ".bmp", ".gif", ".webp")
@@ -99,8 +100,10 @@ def expand_inputs(inputs: list[str | os.PathLike]) -> list[Path]:
         if p.is_file():
             files.append(p)
         elif p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")
-                           and f.suffix.lower() in RASTER_EXTS)
+            listed = sorted(f for f in p.iterdir() if not f.name.startswith(".") and f.suffix.lower() in RASTER_EXTS)
+            for why in filter(None, map(broken_link, listed)):
+                warnings.warn(why, UserWarning, stacklevel=2)
+            found = [f for f in listed if f.is_file()]
             if not found:
                 raise CmdbError(f"no raster files ({', '.join(RASTER_EXTS[:4])}, ...) in folder {p}")
             files.extend(found)
@@ -110,11 +113,23 @@ def expand_inputs(inputs: list[str | os.PathLike]) -> list[Path]:
                 raise CmdbError(f"no file matches {item}")
             files.extend(found)
         else:
-            raise CmdbError(f"input not found: {p}")
+            raise CmdbError(broken_link(p).removesuffix("; skipped") or f"input not found: {p}")
     unique: dict[str, Path] = {}
     for f in files:
         unique.setdefault(os.path.realpath(f), f)
     return list(unique.values())
+
+
+def check_output_outside_inputs(inputs: list[str | os.PathLike], out: str | os.PathLike) -> None:
+    """Refuse ``-o`` equal to or inside an input folder: its masks would be inputs of the next run."""
+    target = Path(os.path.realpath(out))
+    for item in inputs:
+        if Path(item).is_dir():
+            folder = Path(os.path.realpath(item))
+            if target == folder or folder in target.parents:
+                where = "is" if target == folder else "is inside"
+                raise CmdbError(f"-o {out} {where} the input folder {item}: the masks would be read as inputs "
+                                f"by the next run; write them to another folder")
 
 
 def _base_stem(path: Path) -> str:

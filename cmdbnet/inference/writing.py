@@ -27,7 +27,7 @@ from cmdbnet.inference.rasters import InputInfo, ModelMeta, ProductWriter, gdal_
 from cmdbnet.inference.resume import blocks_intact
 from cmdbnet.inference.window import Strip, StripPredictor, emitted_rows
 from cmdbnet.progress import progress_bar
-from cmdbnet.utils import atomic_path
+from cmdbnet.utils import atomic_path, quiet_libtiff
 
 
 def gdal_options() -> dict[str, Any]:
@@ -110,6 +110,7 @@ def predict_file(predictor: StripPredictor, info: InputInfo, plan: dict[str, Pat
     out_info = replace(info, height=band[3] - band[2]) if band else info
     n_windows = predictor.count_windows(info.height, info.width, rows)
     done = [0]
+    quiet_libtiff()  # a full disk: our one error line, not libtiff's raw one before it
     with contextlib.ExitStack() as stack:
         stack.enter_context(rasterio.Env(**gdal_options()))
         src = stack.enter_context(open_raster(info.path))
@@ -188,6 +189,7 @@ def assemble(predictor: StripPredictor, info: InputInfo, plan: dict[str, Path], 
              tags: dict[str, str], parts: list[tuple[int, int, dict[str, Path]]], cog: bool) -> None:
     """Copy band parts ``(r0, r1, paths)`` into the final products, in a whole run's strips."""
     gy, _ = predictor.grids(info.height, info.width)
+    quiet_libtiff()  # a full disk: our one error line, not libtiff's raw one before it
     with contextlib.ExitStack() as stack:
         stack.enter_context(rasterio.Env(**gdal_options()))
         src = stack.enter_context(open_raster(info.path))

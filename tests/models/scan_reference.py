@@ -18,8 +18,7 @@ def reference_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if delta_softplus:
         delta = F.softplus(delta)
     b, d, l = u.shape
-    B = B.repeat_interleave(d // B.shape[1], 1) if B.dim() == 4 else B[:, None].expand(b, d, -1, -1)
-    C = C.repeat_interleave(d // C.shape[1], 1) if C.dim() == 4 else C[:, None].expand(b, d, -1, -1)
+    B, C = (_per_channel(t, b, d, l) for t in (B, C))
     x = u.new_zeros((b, d, A.shape[1]))
     ys = []
     for i in range(l):
@@ -34,6 +33,13 @@ def reference_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     return (out, x) if return_last_state else out
 
 
+def _per_channel(t, b, d, l):  # noqa: E741
+    """B or C as (b, d, n, l): groups repeated, (b, n, l) shared, time-invariant (d, n) held over L."""
+    if t.dim() == 2:
+        return t[None, :, :, None].expand(b, d, -1, l)
+    return t.repeat_interleave(d // t.shape[1], 1) if t.dim() == 4 else t[:, None].expand(b, d, -1, -1)
+
+
 def make_inputs(b, d, l, n, form, *, D=False, z=False, bias=False, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
 
@@ -41,7 +47,7 @@ def make_inputs(b, d, l, n, form, *, D=False, z=False, bias=False, seed=0, dtype
         t = scale * torch.randn(*shape, generator=g)
         return (t.abs() if positive else t).to(dtype).requires_grad_()
 
-    bc_shape = {"3d": (b, n, l), "g1": (b, 1, n, l), "g2": (b, 2, n, l)}[form]
+    bc_shape = {"3d": (b, n, l), "g1": (b, 1, n, l), "g2": (b, 2, n, l), "dn": (d, n)}[form]
     kw = {
         "u": r(b, d, l),
         "delta": r(b, d, l, scale=0.5, positive=True),  # a negative delta makes the scan grow

@@ -126,6 +126,26 @@ def test_last_state_only_gradient_and_mixed_groups(monkeypatch, backend):
             assert rel_err(a, r) <= 1e-5, name
 
 
+@pytest.mark.parametrize("backend", ["native", "torch", "torch_parallel"])
+@pytest.mark.parametrize("mix", ["both", "B only", "C only"])
+def test_time_invariant_b_and_c_as_selective_scan_fn_takes_them(monkeypatch, backend, mix):
+    """B and/or C of shape (D, N), as mamba-ssm's selective_scan_fn accepts them (Triton: triton_interpreted.py)."""
+    monkeypatch.setenv(scan.BACKEND_ENV, backend)
+    from scan_reference import check_against_reference
+
+    kw = make_inputs(2, 6, 21, 3, "dn", D=True, z=True, bias=True, seed=3)
+    if mix != "both":
+        kw["C" if mix == "B only" else "B"] = make_inputs(2, 6, 21, 3, "g2", seed=4)["B"]
+    check_against_reference(kw, True, "out+last", 3)
+
+
+def test_complex_b_is_refused_clearly():
+    kw = make_inputs(1, 4, 5, 2, "dn")
+    kw["B"] = kw["B"].detach().to(torch.complex64)
+    with pytest.raises(ValueError, match="B must be real"):
+        selective_scan(**kw)
+
+
 def test_gradcheck_fp64(monkeypatch):
     monkeypatch.setattr(chunked, "_CHUNK_ELEMS", 3 * 2 * 4 * 2)
     kw = make_inputs(1, 4, 7, 2, "g2", D=True, z=True, bias=True, dtype=torch.float64)

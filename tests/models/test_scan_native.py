@@ -6,7 +6,6 @@ Its numbers are checked against the sequential reference in test_scan.py, with t
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 from scan_reference import make_inputs, reference_scan, rel_err
 
 from cmdbnet.models import scan, vss
-from cmdbnet.models.scan import dispatch, native, selective_scan
+from cmdbnet.models.scan import build, dispatch, native, selective_scan
 
 
 @pytest.fixture
@@ -36,7 +35,8 @@ def _small():
 def test_builds_once_into_the_cache_and_reuses_it(fresh_build):
     lib = native.library()
     assert lib is not None and native.library_error() == ""
-    (built,) = fresh_build.iterdir()  # no temporary file left beside it
+    built, record = sorted(fresh_build.iterdir())  # no temporary file left beside them
+    assert record.name == built.name + ".json"
     assert built.name.startswith("scan-") and built.suffix == ".so" and native.library_path() == str(built)
     stamp = built.stat().st_mtime_ns
     native._load.cache_clear()
@@ -110,17 +110,17 @@ def test_extreme_decays_match_the_reference(monkeypatch):
 def test_build_is_keyed_by_source_and_cpu(fresh_build, monkeypatch):
     first = native.library_path()
     native._load.cache_clear()
-    monkeypatch.setattr(native, "_cpu_signature", lambda: "flags: another-cpu")
+    monkeypatch.setattr(build, "_cpu_signature", lambda: "flags: another-cpu")
     second = native.library_path()
     assert second != first and sorted(os.listdir(fresh_build)) == sorted(
-        os.path.basename(p) for p in (first, second))
+        os.path.basename(p) + ext for p in (first, second) for ext in ("", ".json"))
 
 
 def test_an_unwritable_cache_builds_in_a_temporary_folder(fresh_build, monkeypatch, tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     monkeypatch.setenv(native.CACHE_ENV, str(blocker))  # its kernels/ cannot be created
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     assert native.library() is not None
     assert native.library_path().startswith(str(tmp_path / "tmp" / "cmdbnet-kernels-"))
@@ -184,7 +184,7 @@ def test_a_compiler_without_openmp_builds_a_serial_library(fresh_build, monkeypa
     """Apple's clang knows no -fopenmp: the next set of flags builds, and Python threads split the work."""
     cc = tmp_path / "cc-without-openmp"
     cc.write_text('#!/bin/sh\nfor a; do [ "$a" = -fopenmp ] && { echo "unsupported option" >&2; exit 1; }; done\n'
-                  f'exec {native._compiler()} "$@"\n')
+                  f'exec {build.compiler()[0]} "$@"\n')
     cc.chmod(0o755)
     monkeypatch.setenv("CC", str(cc))
     assert native.library() is not None and not native.library().openmp

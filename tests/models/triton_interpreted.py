@@ -47,6 +47,7 @@ CASES = [  # form, D, z, delta_bias, delta_softplus, mode, (b, d, l, n)
     ("3d", False, True, False, True, "out", (1, 3, 33, 5)),
     ("g2", True, True, False, False, "out+last", (1, 4, 64, 1)),
     ("g1", True, False, True, False, "out", (1, 2, 40, 16)),
+    ("dn", True, True, True, True, "out+last", (1, 4, 9, 2)),  # time-invariant B and C (D, N)
 ]
 
 

@@ -100,8 +100,7 @@ def _native_or_torch() -> str:
     if native.library() is not None:
         return "native"
     warnings.warn(f"the C selective scan could not be built ({native.library_error()}); using the slower "
-                  f"torch scan. Install a C compiler (or set CC), or set {BACKEND_ENV}=torch to skip it.",
-                  RuntimeWarning, stacklevel=3)
+                  f"torch scan. Set {BACKEND_ENV}=torch to skip it.", RuntimeWarning, stacklevel=3)
     return "torch"
 
 
@@ -133,7 +132,7 @@ def resolve_backend(device: torch.device | str) -> str:
     if name == "native":
         if native.library() is None:
             raise ScanBackendError(f"{BACKEND_ENV}=native but the C scan cannot be built here "
-                                   f"({native.library_error()}); install a C compiler or set {BACKEND_ENV}=auto")
+                                   f"({native.library_error()}); or set {BACKEND_ENV}=auto")
         if torch.device(device).type != "cpu":
             raise ScanBackendError(f"{BACKEND_ENV}=native needs CPU tensors, got {device}; set {BACKEND_ENV}=auto")
         return "native"
@@ -158,9 +157,10 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:  # noqa: N803
                              f"A (D, N); got {tuple(t.shape)} {t.dtype}")
     for name, t in (("B", B), ("C", C)):
         g = t.shape[1] if t.dim() == 4 else 1
-        if tuple(t.shape) not in ((b, n, l), (b, g, n, l)) or d % g:
-            raise ValueError(f"selective_scan: {name} must be (B, N, L) = {(b, n, l)} or (B, G, N, L) with G "
-                             f"dividing D = {d}; got {tuple(t.shape)}")
+        if tuple(t.shape) not in ((b, n, l), (b, g, n, l), (d, n)) or d % g or t.is_complex():
+            raise ValueError(f"selective_scan: {name} must be real, (B, N, L) = {(b, n, l)}, (B, G, N, L) with G "
+                             f"dividing D = {d}, or time-invariant (D, N) = {(d, n)}; got {tuple(t.shape)} "
+                             f"{t.dtype}")
 
 
 def _run(function, u, delta, A, B, C, D, z, delta_bias, delta_softplus, last, dtype=None):  # noqa: N803
@@ -171,6 +171,9 @@ def _run(function, u, delta, A, B, C, D, z, delta_bias, delta_softplus, last, dt
     autograd then hands each gradient back in its input's dtype.
     """
     dtype = dtype or torch.promote_types(u.dtype, torch.float32)
+    (b, d, l), n = u.shape, A.shape[1]  # noqa: E741
+    # time-invariant (D, N): each channel its own group, constant over L (autograd sums it back)
+    B, C = (t[None, :, :, None].expand(b, d, n, l) if t.dim() == 2 else t for t in (B, C))
     B, C = (t.unsqueeze(1) if t.dim() == 3 else t for t in (B, C))
     g = math.lcm(B.shape[1], C.shape[1])  # B and C in different groups (the CUDA kernel refuses it)
     B, C = (t.repeat_interleave(g // t.shape[1], dim=1) if t.shape[1] != g else t for t in (B, C))
@@ -195,6 +198,10 @@ def _triton_failed(exc: BaseException) -> bool:
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,  # noqa: N803
                    delta_softplus=False, return_last_state=False):
     """Drop-in for mamba_ssm's ``selective_scan_fn``; returns ``out`` or ``(out, last_state)``.
+
+    u, delta, z (B, D, L); A (D, N), real; B and C (B, N, L), (B, G, N, L) with G dividing D, or
+    time-invariant (D, N) (run as D groups constant over L: memory of a (B, D, N, L) input);
+    D and delta_bias (D,). Complex A, B or C are refused (ValueError).
 
     The backend is resolved per call (see :func:`resolve_backend`) so one model runs the fused
     kernel on a GPU box and the torch scan on a laptop without a code change.

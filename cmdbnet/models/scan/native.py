@@ -4,9 +4,9 @@ Why: at d_state 1 a time step is a few flops per channel, so a torch scan issues
 overhead and memory passes dwarf the arithmetic; the C loops read each channel's sequence once
 per pass and keep only the recurrence sequential. It needs a C compiler (``cc``, or ``$CC``),
 which Linux and macOS machines usually have: the library is built once per source, compiler
-and CPU into the user cache (``$CMDB_CACHE_DIR`` or ``~/.cache/cmdbnet``), written under a
-temporary name and renamed, so concurrent ranks or a killed build never leave a broken file.
-Where no compiler works the dispatcher falls back to the torch scan, once, with a warning.
+and CPU into the user cache (``$CMDB_CACHE_DIR`` or ``~/.cache/cmdbnet``), a private folder
+whose files are checked before they are loaded (``build.py`` says how). Where no compiler
+works the dispatcher falls back to the torch scan, once, with a warning.
 
 The same library runs SS2D's four scan orders position-major on a channels-last plane
 (:class:`PlaneScan`: no reordered copies, no merge) and the depthwise 3 x 3 convolution of
@@ -22,116 +22,44 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import platform
-import shutil
 import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
 from cmdbnet.errors import CmdbError
+from cmdbnet.models.scan import build
 from cmdbnet.models.scan.buffers import worker_pool
+from cmdbnet.models.scan.build import CACHE_ENV
 from cmdbnet.models.scan.chunked import KEEP_ALL_MAX_N
-from cmdbnet.utils import atomic_path
 
 __all__ = ["NativeScan", "PlaneScan", "CACHE_ENV", "library", "library_error", "library_path", "pointer", "run_units",
            "uses_openmp"]
 
-CACHE_ENV = "CMDB_CACHE_DIR"
-# The library's sources: the per-sequence scan, SS2D's plane scan and the depthwise convolution
-# (cmdbnet/models/depthwise.py); the headers are part of the cache key.
-_HERE = Path(__file__).parent
-_SOURCES = (_HERE / "native.c", _HERE / "plane.c", _HERE.parent / "depthwise.c")
-_HEADERS = (_HERE / "parallel.h", _HERE / "vmath.h")
-# -march=native: the library is built on the machine that runs it (the cache key holds the
-# CPU's flags). -fopenmp: the C loops run on torch's OpenMP threads (parallel.h says why). A
-# compiler that knows neither flag gets the later sets. No -ffast-math: it would let the compiler
-# assume no NaN or inf.
-_FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared")
-_TUNINGS = (("-march=native", "-fopenmp"), ("-fopenmp",), ("-march=native",), ())
-_SERIAL_TUNINGS = tuple(t for t in _TUNINGS if "-fopenmp" not in t)
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _FWD_ARGS = [_I] * 6 + [_P] * 8 + [ctypes.c_int] + [_P] * 4
 _BWD_ARGS = [_I] * 6 + [_P] * 8 + [ctypes.c_int] + [_P] * 12
 
 
-def _cpu_signature() -> str:
-    """The CPU's instruction-set flags (a cache shared over NFS must not hand AVX-512 code to an
-    older node)."""
+def _open(cc: list[str]) -> ctypes.CDLL:
+    """Load the checked library; where its OpenMP runtime cannot load here, one built without OpenMP."""
+    path = build.library_file(cc)
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
+        lib = ctypes.CDLL(str(path))
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cache_dirs() -> list[Path]:
-    """The user cache, then a per-user temporary folder (a read-only home on a cluster node)."""
-    root = os.environ.get(CACHE_ENV) or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
-                                                     "cmdbnet")
-    user = getattr(os, "getuid", lambda: "user")()
-    return [Path(root) / "kernels", Path(tempfile.gettempdir()) / f"cmdbnet-kernels-{user}"]
-
-
-def _compiler() -> str:
-    cc = os.environ.get("CC") or "cc"
-    path = shutil.which(cc)
-    if path is None:
-        raise OSError(f"no C compiler found ({cc!r} is not on PATH; set CC)")
-    return path
-
-
-class CompileError(OSError):
-    """The compiler ran and refused the source: another folder would not help."""
-
-
-def _build(cc: str, dst: Path, tunings: tuple[tuple[str, ...], ...]) -> None:
-    """Compile with the first of ``tunings`` the compiler accepts to a temporary name beside
-    ``dst``, renamed onto it (``atomic_path``): a killed build never leaves a library to trust."""
-    with atomic_path(dst, suffix="") as tmp:
-        for tuning in tunings:
-            proc = subprocess.run([cc, *_FLAGS, *tuning, *map(str, _SOURCES), "-o", str(tmp), "-lm"],
-                                  capture_output=True, text=True, timeout=120)
-            if not proc.returncode:
-                return
-        raise CompileError(f"{Path(cc).name} failed to compile the CPU scan: {proc.stderr.strip()[:300]}")
-
-
-def _built(cc: str, tunings: tuple[tuple[str, ...], ...] = _TUNINGS) -> Path:
-    """The library for these sources, flags, compiler and CPU: from the cache, or built into it."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    texts = [src.read_text() for src in _SOURCES + _HEADERS]
-    key = hashlib.sha256("\0".join([*texts, *_FLAGS, repr(tunings), version, _cpu_signature()]).encode())
-    name = f"scan-{key.hexdigest()[:16]}.so"
-    cache, fallback = (folder / name for folder in _cache_dirs())
-    for path in (cache, fallback):
-        if path.is_file():
-            return path
-    try:
-        _build(cc, cache, tunings)
-        return cache
-    except CompileError:
-        raise
-    except (OSError, CmdbError):  # the cache folder cannot be written
-        _build(cc, fallback, tunings)
-        return fallback
+        path = build.library_file(cc, build.SERIAL_TUNINGS)
+        lib = ctypes.CDLL(str(path))
+    missing = [name for name in build.SYMBOLS if not hasattr(lib, name)]
+    if missing:
+        raise OSError(f"the C library {path} lacks {', '.join(missing)}")
+    lib.path = str(path)
+    return lib
 
 
 @functools.cache
 def _load() -> tuple[ctypes.CDLL | None, str]:
     try:
-        cc = _compiler()
-        try:
-            lib = ctypes.CDLL(str(_built(cc)))
-        except CompileError:
-            raise
-        except OSError:  # an OpenMP runtime this process cannot load: build without OpenMP
-            lib = ctypes.CDLL(str(_built(cc, _SERIAL_TUNINGS)))
+        lib = _open(build.compiler())
     except (OSError, subprocess.SubprocessError, CmdbError) as exc:
         return None, str(exc)
     lib.openmp, lib.lanes = bool(lib.cmdb_openmp()), lib.cmdb_xscan_lanes()
@@ -161,7 +89,7 @@ def library_error() -> str:
 def library_path() -> str | None:
     """The cached library file in use, or None."""
     lib = library()
-    return None if lib is None else lib._name
+    return None if lib is None else lib.path
 
 
 def uses_openmp() -> bool:
