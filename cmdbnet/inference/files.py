@@ -15,8 +15,9 @@ Many processes: under ``torchrun --nproc-per-node N -m cmdbnet predict`` the inp
 sharded across ranks by pixel count, a raster too big for one rank is split into bands of
 window rows (``shards``), each rank writes its own outputs, and rank 0 writes
 ``predict_summary.json``. A re-run skips outputs that are verifiably complete (``resume``),
-and one lock file keeps two runs out of the same output folder. ``--cog``, the VRT mosaic
-and ``--vector`` are in ``gis``; what happens to one file is in ``writing``.
+and one lock file keeps two runs out of the same output folder. ``--cog`` and the VRT mosaic
+are in ``gis``, ``--vector`` in ``vector``, QGIS styles in ``styles``; what happens to one file
+is in ``writing``.
 
 ``forward_tta`` and ``predict_array`` (re-exported here) are the in-memory entry points
 for ``cmdb evaluate``; they share the window and blend code with the raster path.

@@ -157,7 +157,7 @@ def merge_polygon_parts(parts: list[Path], final: Path, crs: str | None) -> int:
         tmp.unlink()
         if final.exists():  # the user's other layers travel with the copy
             try:
-                shutil.copyfile(final, tmp)
+                shutil.copy2(final, tmp)  # its permissions too
             except OSError as exc:
                 raise CmdbError(f"cannot copy {final} to update it: {exc.strerror or exc}") from None
         first = True
