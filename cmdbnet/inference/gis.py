@@ -145,7 +145,8 @@ def write_vrt(paths: list[Path], out: Path, categories: tuple[str, ...] = ()) ->
     for m in metas:
         why = _mismatch(m, ref)
         if why:
-            notes.append(f"VRT mosaic: {m.path.name} {why}; left out of {out.name} (its mask is written)")
+            notes.append(f"VRT mosaic: {m.path.name} {why}; left out of {out.name} (its mask is written; the "
+                         "mosaic holds the CRS most masks share)")
         else:
             kept.append(m)
     write_text_atomic(out, _vrt_xml(kept, ref, out, categories))
@@ -157,7 +158,7 @@ def _mismatch(m: _Meta, ref: _Meta) -> str:
     if m.crs is None:
         return f"has no CRS (most rasters are in {ref.crs.to_string()})"
     if m.crs != ref.crs:
-        return f"is in {m.crs.to_string()}, not {ref.crs.to_string()} (the CRS of most rasters)"
+        return f"is in {m.crs.to_string()}, not {ref.crs.to_string()}"
     t, r = m.transform, ref.transform
     if not np.allclose([t.a, t.b, t.d, t.e], [r.a, r.b, r.d, r.e], rtol=1e-9):
         return "has another pixel size or rotation (a VRT mosaic holds one grid)"
