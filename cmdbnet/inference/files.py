@@ -51,7 +51,7 @@ from cmdbnet.inference.resume import (
     run_fingerprint,
 )
 from cmdbnet.inference.shards import PREDICT_TIMEOUT, Unit, assign, band_paths, gather, make_units
-from cmdbnet.inference.styles import write_style
+from cmdbnet.inference.styles import style_path, write_style
 from cmdbnet.inference.vector import check_vector, merge_polygon_parts, polygonise, write_polygons
 from cmdbnet.inference.window import StripPredictor, emitted_rows, forward_tta, predict_array
 from cmdbnet.inference.writing import Progress, assemble, finish_summary, merge_band_summaries, predict_file
@@ -377,10 +377,14 @@ class _Run:
             self._style(self.vrt)
 
     def _styles(self) -> None:
-        """A QGIS style (``<mask>.qml``) beside every class mask: class names and colours in its legend."""
+        """A QGIS style (``<mask>.qml``) beside every class mask this run wrote (a skipped mask's
+        style may hold the user's edits): class names and colours in its legend."""
         for i, plan in enumerate(self.plans):
-            if "mask" in plan and i not in self.failed and plan["mask"].is_file():
-                self._style(plan["mask"])
+            mask = plan.get("mask")
+            if mask is None or i in self.failed or not mask.is_file():
+                continue
+            if not (self.survey[i][2] and style_path(mask).is_file()):
+                self._style(mask)
 
     def _style(self, raster: Path) -> None:
         try:

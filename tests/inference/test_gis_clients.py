@@ -218,6 +218,10 @@ def test_predict_writes_styles_scale_predictor_and_one_crs_rule(tiny_ckpt, city,
         assert b.scales == (1 / 255,) and b.offsets == (0.0,) and "scale" not in b.tags(1)
     with rasterio.open(out / "b_probs.tif") as p:
         assert p.tags(ns="IMAGE_STRUCTURE")["PREDICTOR"] == "3"
+    (out / "b_mask.qml").write_text("<qgis/>\n")  # the user's own style of a mask a re-run skips stays
+    again = CliRunner().invoke(app, ["predict", str(inputs / "b.tif"), "-o", str(out), "-k", str(tiny_ckpt),
+                                     "--tile", "64", "--device", "cpu", "--probs", "--boundary"])
+    assert again.exit_code == 0 and "skipped" in again.stdout and (out / "b_mask.qml").read_text() == "<qgis/>\n"
 
 
 def test_preview_legend_keeps_underscores(tmp_path):
