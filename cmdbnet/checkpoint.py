@@ -12,6 +12,9 @@ is a plain mapping of tensors and JSON-like values, loaded with
     dataset     {name, classes, palette, ignore_index, bands, band_count, dtype, mean, std,
                  excluded_in_means}
     epoch, step, optimizer, scheduler, scaler, rng, best_metric   (training state; optional)
+
+A run's ``last.pt`` has all of it (``--resume`` reads it); ``best.pt`` leaves out what only a
+resume needs (``RESUME_ONLY``: the optimizer's moments alone are twice the weights).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from cmdbnet.utils import atomic_path
 
 FORMAT = "cmdbnet-checkpoint"
 VERSION = 1
+RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng", "batches_done", "micro_batch", "accum")
 
 
 def nonfinite_tensors(state: Any) -> list[str]:

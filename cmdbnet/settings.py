@@ -30,6 +30,15 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def default_workers() -> int:
+    """4 workers, but no more than the CPU cores this process may run on (its affinity)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return min(4, cores)
+
+
 class DataSettings(_Section):
     """Where the data is and how crops are cut and augmented."""
 
@@ -40,7 +49,8 @@ class DataSettings(_Section):
     stride: int | None = Field(None, ge=1, description="step between crops; default: the crop size")
     bands: Literal["rgb", "irrg", "rgbir"] | None = Field(None, description="band choice; default per dataset")
     eroded: bool = Field(False, description="use eroded (noBoundary) ISPRS labels")
-    workers: int = Field(4, ge=0, le=256, description="data-loader / prepare worker processes")
+    workers: int = Field(default_factory=lambda: default_workers(), ge=0, le=256,
+                         description="data-loader / prepare worker processes (default: 4, at most the cores)")
     pin_memory: bool = True
     augment: float = Field(1.0, ge=0.0, le=2.0, description="augmentation strength (0 = none)")
     mean: list[float] = Field(default_factory=lambda: list(IMAGENET_MEAN))

@@ -15,8 +15,9 @@ Many processes: under ``torchrun --nproc-per-node N -m cmdbnet predict`` the inp
 sharded across ranks by pixel count, a raster too big for one rank is split into bands of
 window rows (``shards``), each rank writes its own outputs, and rank 0 writes
 ``predict_summary.json``. A re-run skips outputs that are verifiably complete (``resume``),
-and one lock file keeps two runs out of the same output folder. ``--cog``, the VRT mosaic
-and ``--vector`` are in ``gis``; what happens to one file is in ``writing``.
+and one lock file keeps two runs out of the same output folder. ``--cog`` and the VRT mosaic
+are in ``gis``, ``--vector`` in ``vector``, QGIS styles in ``styles``; what happens to one file
+is in ``writing``.
 
 ``forward_tta`` and ``predict_array`` (re-exported here) are the in-memory entry points
 for ``cmdb evaluate``; they share the window and blend code with the raster path.
@@ -40,14 +41,7 @@ import torch.distributed as dist
 from cmdbnet.checkpoint import load_model, resolve_checkpoint
 from cmdbnet.errors import CmdbError
 from cmdbnet.inference.compiled import compile_predictor
-from cmdbnet.inference.gis import (
-    check_vector,
-    merge_polygon_parts,
-    polygonise,
-    raster_crs,
-    write_polygons,
-    write_vrt,
-)
+from cmdbnet.inference.gis import reference_crs, same_crs, write_vrt
 from cmdbnet.inference.rasters import (
     OUTPUT_EXTS,
     ModelMeta,
@@ -65,6 +59,8 @@ from cmdbnet.inference.resume import (
     run_fingerprint,
 )
 from cmdbnet.inference.shards import PREDICT_TIMEOUT, Unit, assign, band_paths, gather, make_units
+from cmdbnet.inference.styles import style_path, write_style
+from cmdbnet.inference.vector import check_vector, merge_polygon_parts, polygonise, write_polygons
 from cmdbnet.inference.window import StripPredictor, emitted_rows, forward_tta, predict_array
 from cmdbnet.inference.writing import Progress, assemble, finish_summary, merge_band_summaries, predict_file
 from cmdbnet.runtime import DistInfo, init_distributed, pick_device
@@ -209,6 +205,8 @@ class _Run:
             error += f"; {done} of {len(self.files)} files done (--keep-going skips bad files)"
         if not error:
             error = next((e for e in gather(self._assemble(results), self.dinfo) if e), None)
+        if not error and self.dinfo.is_main:
+            self._styles()
         if not error and self.vector is not None:
             error = self._vectorise()
         if not error and folder is not None and self.dinfo.is_main:
@@ -368,12 +366,15 @@ class _Run:
         part = self.vector.parent / f".{self.vector.name}.rank{rank}.part.gpkg"
         sets, notes, error, ref_crs = [], [], None, None
         try:
-            ref_crs = raster_crs(self.plans[ok[0]]["mask"])
+            ref = reference_crs([self.plans[i]["mask"] for i in ok])  # the mosaic's rule too
+            ref_crs = ref.to_wkt() if ref else None
             for u in shards[rank]:
                 p = polygonise(self.plans[u.file]["mask"], self.vector_ids, self.meta.classes)
-                if p["crs"] != ref_crs:
-                    notes.append(f"--vector: {self.plans[u.file]['mask'].name} is in another CRS than "
-                                 f"{self.plans[ok[0]]['mask'].name}; its polygons are left out of {self.vector.name}")
+                if not same_crs(p["crs"], ref):
+                    notes.append(f"--vector: {self.plans[u.file]['mask'].name} is "
+                                 f"{'without a CRS' if p['crs'] is None else 'in another CRS'}, not in "
+                                 f"{ref.to_string()} (the CRS of most masks); its polygons are left out of "
+                                 f"{self.vector.name}")
                     continue
                 sets.append(p)
             part.parent.mkdir(parents=True, exist_ok=True)
@@ -398,8 +399,32 @@ class _Run:
     def _mosaic(self, folder: Path) -> None:
         product = "mask" if "mask" in self.plans[0] else "color"
         paths = [p[product] for p in self.plans if p[product].is_file()]
-        self.vrt, notes = write_vrt(paths, folder / MOSAIC_NAME)
+        self.vrt, notes = write_vrt(paths, folder / MOSAIC_NAME, self.meta.classes if product == "mask" else ())
         self.notes += notes
+        if self.vrt and product == "mask":
+            self._style(self.vrt)
+
+    def _styles(self) -> None:
+        """A QGIS style (``<mask>.qml``) beside every class mask this run wrote (a skipped mask's
+        style may hold the user's edits): class names and colours in its legend."""
+        for i, plan in enumerate(self.plans):
+            mask = plan.get("mask")
+            if mask is None or i in self.failed or not mask.is_file():
+                continue
+            if not (self.survey[i][2] and style_path(mask).is_file()):
+                self._style(mask)
+
+    def _style(self, raster: Path) -> None:
+        try:
+            write_style(raster, self.meta.classes, self.meta.palette)
+        except (CmdbError, OSError) as exc:  # the masks are whole; a missing style is worth a note only
+            self.notes.append(f"cannot write the QGIS style beside {raster.name}: {exc}")
+
+    def _map_crs(self) -> str | None:
+        """The CRS of the mosaic and the GeoPackage: the one most masks share."""
+        product = "mask" if "mask" in self.plans[0] else "color"
+        crs = reference_crs([p[product] for p in self.plans if p[product].is_file()])
+        return crs.to_string() if crs else None
 
     def _write_summary(self, folder: Path, summaries: list[dict[str, Any]], error: str | None,
                        seconds: float) -> None:
@@ -412,6 +437,7 @@ class _Run:
             "skipped": sum(1 for s in summaries if s.get("skipped")),
             "failed": [s for s in summaries if "error" in s],
             "mosaic": str(getattr(self, "vrt", None) or "") or None,
+            "crs": self._map_crs(),
             "vector": str(self.vector) if self.vector and not error else None,
             "polygons": getattr(self, "polygons", None),
             "notes": self.notes, "files": summaries,

@@ -50,7 +50,7 @@ def save_preview(path: str | Path, image: np.ndarray, pred: np.ndarray, classes:
     for i, (name, colour) in enumerate(zip(classes, palette)):
         x, y = pad + (i % 3) * col_w, y0 + (i // 3) * 18
         draw.rectangle([x, y + 2, x + 12, y + 14], fill=tuple(int(c) for c in colour), outline="black")
-        draw.text((x + 18, y + 2), name.replace("_", " "), fill="black", font=font)
+        draw.text((x + 18, y + 2), name, fill="black", font=font)  # as the class is named elsewhere
     with atomic_path(path, suffix=".png") as tmp:
         canvas.save(tmp, format="PNG")
     return Path(path)

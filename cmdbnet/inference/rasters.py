@@ -9,9 +9,10 @@ Products, all tiled (256 x 256) deflate GeoTIFFs with the input's CRS, transform
 ``mask``      uint8 class index, palette colour map (QGIS shows it coloured), nodata 255
 ``color``     RGBA uint8 rendering with the dataset palette; alpha 0 on nodata
 ``probs``     K bands of half floats (stored as GDAL Float32 with NBITS=16, read back as
-              float32), one band per class, described by class name; NaN on nodata
-``boundary``  uint8 boundary probability scaled to 0..255 (value / 255 = probability);
-              nodata pixels are 0 and flagged in an internal mask band
+              float32, floating-point predictor), one band per class, described by class
+              name; NaN on nodata
+``boundary``  uint8 boundary probability scaled to 0..255, with GDAL scale 1/255 (unscaled
+              value = probability); nodata pixels are 0 and flagged in an internal mask band
 """
 
 from __future__ import annotations
@@ -285,7 +286,7 @@ class ProductWriter:
         profiles = {
             "mask": _profile(src, info, 1, "uint8", nodata=NODATA_INDEX, photometric="palette"),
             "color": _profile(src, info, 4, "uint8", photometric="RGB", alpha="YES"),
-            "probs": _profile(src, info, k, "float32", nbits=16, nodata=float("nan")),
+            "probs": _profile(src, info, k, "float32", nbits=16, nodata=float("nan"), predictor=3),
             "boundary": _profile(src, info, 1, "uint8"),
         }
         descriptions = {"mask": ("class index",), "color": ("red", "green", "blue", "alpha"),
@@ -299,7 +300,7 @@ class ProductWriter:
                     d.write_colormap(1, {i: tuple(int(v) for v in lut[i]) for i in range(256)})
                     d.update_tags(1, **{f"class_{i}": c for i, c in enumerate(meta.classes)})
                 elif name == "boundary":
-                    d.update_tags(1, scale=str(1 / 255))
+                    d.scales, d.offsets = (1 / 255,), (0.0,)  # GDAL's unscaling: value * scale = probability
                 d.update_tags(**common_tags, product=name)
                 if src.gcps[0] and src.transform.is_identity:
                     d.gcps = src.gcps

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from cmdbnet.checkpoint import load_checkpoint, save_checkpoint
+from cmdbnet.checkpoint import RESUME_ONLY, load_checkpoint, save_checkpoint
 from cmdbnet.data.loaders import batches_per_epoch, eval_loader, train_loader
 from cmdbnet.errors import CmdbError
 from cmdbnet.evaluation import make_metrics, score_loader
@@ -126,6 +126,9 @@ class Trainer:
             return None
         src = Path(self.cfg.resume)
         ckpt = load_checkpoint(src / "last.pt" if src.is_dir() else src)
+        if "optimizer" not in ckpt:
+            raise CmdbError(f"--resume {src}: this checkpoint holds weights only (best.pt keeps no optimizer "
+                            "state); resume from last.pt or the run folder")
         if ckpt.get("settings", {}).get("model") != settings.model.model_dump(mode="json"):
             raise CmdbError(f"--resume {src}: the model settings differ from the checkpoint's; "
                             "resume with the same config and flags")
@@ -161,6 +164,8 @@ class Trainer:
             "settings": self.settings.model_dump(mode="json"), "dataset": self.info,
             "metrics": {k: v for k, v in (metrics or {}).items() if k in ("mIoU", "OA", "mF1", "boundary_iou")},
         }
+        if name == "best.pt":  # for predict, evaluate and export: weights, not the state a resume needs
+            payload = {k: v for k, v in payload.items() if k not in RESUME_ONLY}
         return save_checkpoint(self.run_dir / name, payload)
 
     # ------------------------------------------------------------------ loop

@@ -248,8 +248,8 @@ def test_real_network_tiles_blend_without_seams(ckpt, big_run):
 
 def test_outputs_keep_georeferencing_palette_and_metadata(big_run):
     src, out, summary = big_run
-    assert sorted(os.listdir(out)) == ["mosaic.vrt", "predict_summary.json", "tile_boundary.tif", "tile_color.tif",
-                                       "tile_mask.tif", "tile_probs.tif"]
+    assert sorted(os.listdir(out)) == ["mosaic.qml", "mosaic.vrt", "predict_summary.json", "tile_boundary.tif",
+                                       "tile_color.tif", "tile_mask.qml", "tile_mask.tif", "tile_probs.tif"]
     with rasterio.open(src) as s, rasterio.open(out / "tile_mask.tif") as m:
         assert (m.crs, m.transform, m.width, m.height) == (s.crs, s.transform, s.width, s.height)
         assert m.dtypes[0] == "uint8" and m.nodata == 255 and m.block_shapes[0] == (256, 256)
@@ -284,7 +284,7 @@ def test_png_input_without_georeferencing(ckpt, tmp_path):
         res = run_cli("predict", png, "-o", tmp_path / "mask.tif", "-k", ckpt, "--tile", 128,
                       "--format", "both", "--device", "cpu")
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.tif", "mask_color.tif", "scene.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.qml", "mask.tif", "mask_color.tif", "scene.png"]
     with rasterio.open(tmp_path / "mask.tif") as m:
         assert (m.width, m.height, m.crs) == (300, 200, None)
         assert m.transform.is_identity

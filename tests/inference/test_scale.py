@@ -220,8 +220,8 @@ def test_a_second_run_on_the_same_folder_is_refused_and_a_stale_lock_taken_over(
     (out / ".a_mask.tif.x1y2.part.tif").write_bytes(b"left by a killed run")
     (out / ".notes.txt.k3j4.part.txt").write_bytes(b"another program's temporary file")
     predict(inputs / "a.tif", out, reference_ckpt(ref_summaries), SETTINGS, progress=False)
-    assert sorted(os.listdir(out)) == [".notes.txt.k3j4.part.txt", "a_color.tif", "a_mask.tif", "a_probs.tif",
-                                       "mosaic.vrt", "predict_summary.json"]
+    assert sorted(os.listdir(out)) == [".notes.txt.k3j4.part.txt", "a_color.tif", "a_mask.qml", "a_mask.tif",
+                                       "a_probs.tif", "mosaic.qml", "mosaic.vrt", "predict_summary.json"]
     with pytest.raises(CmdbError, match="another cmdb predict"):
         lock.write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
         predict(inputs / "a.tif", out, reference_ckpt(ref_summaries), SETTINGS, progress=False)

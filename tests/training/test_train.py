@@ -113,6 +113,11 @@ def test_bf16_autocast_training_and_tensorboard_tags(prepared_potsdam, tmp_path)
     assert acc.Tags()["images"], "validation previews missing"
     ckpt = load_checkpoint(tmp_path / "bf16" / "best.pt")
     assert ckpt["dataset"]["classes"][1] == "building" and len(ckpt["dataset"]["palette"]) == 6
+    assert "optimizer" not in ckpt and "rng" not in ckpt and "optimizer" in load_checkpoint(tmp_path / "bf16" / "last.pt")
+    assert (tmp_path / "bf16" / "best.pt").stat().st_size < 0.6 * (tmp_path / "bf16" / "last.pt").stat().st_size
+    with pytest.raises(CmdbError, match="holds weights only"):  # best.pt cannot resume; last.pt can
+        Trainer(s.model_copy(update={"train": s.train.model_copy(update={"resume": tmp_path / "bf16" / "best.pt"})}),
+                progress=False)
 
 
 def test_nonfinite_loss_is_skipped_then_stops(prepared_potsdam, tmp_path):
