@@ -192,12 +192,10 @@ def test_evaluate_cli_json(trained_run, prepared_potsdam, tmp_path):
                               "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["mIoU"] == pytest.approx(data["mIoU"])
-    # the old `--json FILE` still writes the file, with a deprecation warning
-    legacy = tmp_path / "legacy.json"
-    res = runner.invoke(app, ["evaluate", str(trained_run), "--data", str(prepared_potsdam), "--json", str(legacy),
-                              "--device", "cpu", "--workers", "0"])
+    # --json-out replaces an earlier result of evaluate
+    res = runner.invoke(app, ["evaluate", str(trained_run), "--data", str(prepared_potsdam), "--json-out", str(out),
+                              "--ignore-clutter", "--device", "cpu", "--workers", "0"])
     assert res.exit_code == 0, res.output
-    assert "deprecated" in res.stderr and json.loads(legacy.read_text())["OA"] == pytest.approx(data["OA"])
     bad = runner.invoke(app, ["evaluate", str(tmp_path / "nope.pt"), "--data", str(prepared_potsdam)])
     assert bad.exit_code != 0 and "checkpoint not found" in bad.output
 
