@@ -262,6 +262,8 @@ def _predict_cases(c: dict) -> None:
     c["predict-unwritable"] = lambda w, t: Case(_predict(w, w.tif, w.bad / "a_file" / "m.tif"), "a_file")
     c["predict-existing-input-as-output"] = lambda w, t: Case(_predict(w, w.tif, w.tif), "overwrite input",
                                                               unchanged=[w.tif])
+    c["predict-foreign-output"] = lambda w, t: Case(_predict(w, w.tif, w.bad / "two_bands.tif"), "--overwrite",
+                                                    unchanged=[w.bad / "two_bands.tif"])
     c["predict-missing-checkpoint"] = lambda w, t: Case(_predict(w, w.tif, t / "m.tif", t / "no.pt"), "no.pt",
                                                         [t / "m.tif"])
     for which in ("evil", "truncated", "nan"):

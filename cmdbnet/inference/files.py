@@ -135,7 +135,7 @@ def predict(inputs: str | os.PathLike | Iterable[str | os.PathLike], out: str | 
     try:
         items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
         files = expand_inputs(items)
-        plans = plan_outputs(files, out, s)
+        plans = plan_outputs(files, out, s, overwrite)
         out = Path(out)
         single = not out.is_dir() and out.suffix.lower() in OUTPUT_EXTS
         run = _Run(s, files, plans, checkpoint, dinfo, progress, overwrite, keep_going)
