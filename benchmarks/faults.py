@@ -15,7 +15,13 @@ Per case it checks:
 * bit-identical: the re-run's crops / final weights and buffers / mask equal the reference's,
 * finite: every checkpoint ever found holds only finite weights.
 
-    python benchmarks/faults.py [--cases 12] [--seed 0] [--keep DIR]
+Disk full (``--disk-full N`` cases): a command runs under a file size limit (``ulimit -f``,
+SIGXFSZ ignored, so a write past it fails with EFBIG as on a full disk) drawn between 1 kB and
+the largest file its reference run wrote. It must exit 0 (everything fitted) or 2 with one
+``cmdb: error: disk full writing ...`` line; nothing unreadable under a final name; then the
+same command without the limit finishes with the reference's results.
+
+    python benchmarks/faults.py [--cases 12] [--disk-full 6] [--seed 0] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -196,6 +203,56 @@ def case_predict(work: Path, i: int, sig: int, delay: float, ref: Path, cmd) -> 
     return o
 
 
+def _file_size_limit(limit: int):
+    def apply() -> None:  # in the child: a write past the limit fails with EFBIG instead of killing it
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def largest_file(folder: Path) -> int:
+    return max((p.stat().st_size for p in folder.rglob("*") if p.is_file()), default=1024)
+
+
+def case_disk_full(work: Path, i: int, name: str, limit: int, ref: Path, cmd) -> Outcome:
+    """``cmd(out)`` under a file size limit of ``limit`` bytes, then again without it (train: ``--resume``)."""
+    o = Outcome(name, "FSIZE", limit / 1024)
+    out = work / f"full{i}"
+    proc = subprocess.run(cmd(out), env=ENV, capture_output=True, text=True, timeout=900,
+                          preexec_fn=_file_size_limit(limit))
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("cmdb: error:")]
+    o.traceback = "Traceback" in proc.stderr
+    o.clean = not o.traceback and (proc.returncode == 0 or (
+        proc.returncode == 2 and len(errors) == 1 and errors[0].startswith("cmdb: error: disk full writing ")))
+    o.partial = unreadable(out) if out.exists() else []
+    again = cmd(out) + (["--resume", str(out)] if name == "train" and (out / "last.pt").is_file() else [])
+    code, err = rerun(again)
+    o.traceback |= "Traceback" in err
+    o.clean &= code == 0
+    if name == "train":
+        checkpoints_finite(out, o)
+        if code == 0:
+            a = torch.load(ref / "last.pt", weights_only=True)["model"]
+            b = torch.load(out / "last.pt", weights_only=True)["model"]
+            o.identical = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    else:
+        o.identical = code == 0 and tree_bytes(out) == tree_bytes(ref)
+    o.identical &= not list(out.rglob(".*.part*"))
+    return o
+
+
+def run_disk_full(work: Path, n: int, rng: random.Random, refs: dict[str, Path], cmds: dict) -> list[Outcome]:
+    outcomes = []
+    for i in range(n):
+        name = ("prepare", "train", "predict")[i % 3]
+        limit = int(rng.uniform(1024, largest_file(refs[name])))
+        o = case_disk_full(work, i, name, limit, refs[name], cmds[name])
+        print(f"{name:8s} FSIZE   at {limit / 1024:8.1f} kB: clean {o.clean} traceback {o.traceback} partial "
+              f"{len(o.partial)} identical {o.identical} finite {o.finite}/{o.checkpoints}", flush=True)
+        outcomes.append(o)
+    return outcomes
+
+
 def timed(cmd: list[str]) -> float:
     t0 = time.monotonic()
     code, err = rerun(cmd)
@@ -207,6 +264,7 @@ def timed(cmd: list[str]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=int, default=12, help="cases in all, spread over the three commands")
+    ap.add_argument("--disk-full", type=int, default=6, help="disk-full cases, spread over the three commands")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", type=Path, help="work in this folder and keep it")
     ap.add_argument("--cache-only", action="store_true", help="only the C library cache's cases")
@@ -249,7 +307,11 @@ def main() -> None:
               f"{len(o.partial)} orphans {o.orphans} identical {o.identical} finite {o.finite}/{o.checkpoints}",
               flush=True)
         outcomes.append(o)
+    full = run_disk_full(work, args.disk_full, rng, refs, cmds)
     report(outcomes, durations)
+    if full:
+        print("\ndisk full (file size limit):")
+        report(full, {})
     cache = cache_faults(work)
     print(f"\nC library cache: {sum(held for _, held, _ in cache)}/{len(cache)} cases held")
     if not args.keep:
@@ -373,7 +435,8 @@ def cache_faults(work: Path) -> list[tuple[str, bool, str]]:
 
 
 def report(outcomes: list[Outcome], durations: dict[str, float]) -> None:
-    print("\nreference runs: " + ", ".join(f"{k} {v:.1f} s" for k, v in durations.items()))
+    if durations:
+        print("\nreference runs: " + ", ".join(f"{k} {v:.1f} s" for k, v in durations.items()))
     print("| command | cases | clean errors | tracebacks | partial files | orphan processes | "
           "resumes bit-identical | checkpoints finite |")
     print("|---|---|---|---|---|---|---|---|")

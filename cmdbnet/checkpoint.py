@@ -50,8 +50,9 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     if bad:
         raise CmdbError(f"refusing to write {path}: {len(bad)} weight tensor(s) hold NaN or inf (first: {bad[0]})")
     data = {"format": FORMAT, "version": VERSION, **payload}
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(data, tmp)
+    # through a Python file, so a full disk surfaces as its OSError (torch's own writer says "unexpected pos")
+    with atomic_path(path, suffix=".pt") as tmp, open(tmp, "wb") as f:
+        torch.save(data, f)
     return path
 
 

@@ -23,7 +23,7 @@ from cmdbnet.metrics import SegmentationMetrics
 from cmdbnet.progress import progress_bar
 from cmdbnet.runtime import DistInfo, Precision, inference_precision, pick_device
 from cmdbnet.settings import Settings
-from cmdbnet.utils import write_text_atomic
+from cmdbnet.utils import check_output_file, write_text_atomic
 
 
 @dataclass
@@ -96,8 +96,13 @@ def make_metrics(classes: list[str], ignore_index: int, excluded: list[int], dev
 def evaluate(checkpoint: str | Path, prepared: str | Path, split: str = "val", tta: str = "none",
              ignore_clutter: bool = False, device: str = "auto", batch: int | None = None,
              workers: int | None = None, amp: bool = False, boundary_dilation: float | int = 0.02,
-             json_out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Score a checkpoint on a prepared split; returns (and optionally writes) the result JSON."""
+             json_out: str | Path | None = None, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Score a checkpoint on a prepared split; returns (and optionally writes) the result JSON.
+
+    ``json_out`` replaces an earlier result of this function, and any other file only with ``overwrite``.
+    """
+    if json_out:
+        check_json_out(json_out, overwrite)
     dev = pick_device(device)
     model, ckpt = load_model(checkpoint, dev)
     info = ckpt["dataset"]
@@ -144,6 +149,14 @@ def evaluate(checkpoint: str | Path, prepared: str | Path, split: str = "val", t
     if json_out:
         write_text_atomic(json_out, json.dumps(result, indent=2, default=_json_float) + "\n")
     return result
+
+
+SCORES_KEYS = ("protocol", "mIoU", "per_class")  # what marks a file as an earlier evaluate result
+
+
+def check_json_out(path: str | Path, overwrite: bool = False) -> Path:
+    """Refuse a --json-out that is a folder, unwritable, or a file that is not an earlier result."""
+    return check_output_file(path, "--json-out", overwrite, SCORES_KEYS)
 
 
 def _json_float(x: Any) -> Any:

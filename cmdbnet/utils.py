@@ -8,6 +8,7 @@ import ctypes.util
 import errno
 import functools
 import hashlib
+import json
 import math
 import os
 import tempfile
@@ -34,6 +35,8 @@ def atomic_path(final: str | os.PathLike, suffix: str | None = None) -> Iterator
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".part{sfx}", dir=final.parent)
     except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise disk_full_error(final, exc.strerror) from None
         raise CmdbError(f"cannot write in {final.parent}: {exc.strerror or exc}") from None
     os.close(fd)
     tmp_path = Path(tmp)
@@ -44,9 +47,12 @@ def atomic_path(final: str | os.PathLike, suffix: str | None = None) -> Iterator
     try:
         yield tmp_path
         os.replace(tmp_path, final)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
+        full = disk_full_cause(exc)
+        if full is not None:
+            raise disk_full_error(final, full.strerror) from None
         raise
 
 
@@ -67,6 +73,72 @@ def broken_link(path: Path) -> str:
             return f"{path} is a symbolic link loop; skipped"
         return f"{path} is a symbolic link that cannot be followed ({exc.strerror}); skipped"
     return ""
+# "no space left", "file too large" (a file size limit such as ulimit -f), "quota exceeded"
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+
+
+def disk_full_cause(exc: BaseException | None) -> OSError | None:
+    """The disk-full OSError behind ``exc``, if any: libraries (torch.save) wrap it in their own error."""
+    seen = 0
+    if isinstance(exc, CmdbError):  # already said in one line
+        return None
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def disk_full_error(path: str | os.PathLike, why: str | None) -> CmdbError:
+    """The one line for a write that ran out of space; nothing is left under ``path``'s name."""
+    return CmdbError(f"disk full writing {path} ({why or 'no space left'}): free some space (or raise the file "
+                     "size limit) and run the same command again")
+
+
+def write_failure(folder: str | os.PathLike, nbytes: int) -> OSError | None:
+    """Why writing ``nbytes`` into ``folder`` fails now (a full disk, a size limit), or None if it does not.
+
+    For libraries that report a failed write without its cause (GDAL): try the same amount.
+    """
+    try:
+        with tempfile.TemporaryFile(dir=folder) as f:
+            f.write(bytes(max(1, nbytes)))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        return exc
+    return None
+
+
+def check_output_file(path: str | os.PathLike, option: str, overwrite: bool = False,
+                      ours: tuple[str, ...] = ()) -> Path:
+    """Refuse, before any work, an output that is a folder, cannot be made, or is someone else's file.
+
+    An existing file is replaced only with ``overwrite`` or when it is a JSON object holding every
+    key of ``ours`` (an earlier result of the same command); anything else may be the user's data.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise CmdbError(f"{option} {p} is a folder; name a file (e.g. {p / 'scores.json'})")
+    if p.exists() and not overwrite and not (ours and _json_with(p, ours)):
+        raise CmdbError(f"{option} {p} already exists and is not a result of this command; choose another name, "
+                        "or pass --overwrite to replace it")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise CmdbError(f"{option} {p}: cannot write in {parent}" + ("" if parent.is_dir() else " (a file)"))
+    return p
+
+
+def _json_with(path: Path, keys: tuple[str, ...]) -> bool:
+    try:
+        if path.stat().st_size > 16 << 20:
+            return False
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and all(k in data for k in keys)
 
 
 def remove_partial_files(folder: Path, name: str = "*") -> int:

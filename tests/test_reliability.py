@@ -219,6 +219,9 @@ def _train_cases(c: dict) -> None:
         {**yaml.safe_load(w.cfg.read_text()), "model": {**TINY_MODEL, "backbone_weights": str(w.bad / "evil.pt")}})
     ) and Case(["train", "-c", str(t / "c.yaml"), "--data", str(w.prepared), "--out", str(t / "r")],
                "evil.pt: refused to load: the file holds Python objects or code, not only weights (it calls", [t / "r"])
+    c["train-resume-changed-lr"] = lambda w, t: Case(
+        _train(w, w.prepared, w.run, "--resume", str(w.run), "--lr", "0.001"), "train.lr 0.0001 -> 0.001",
+        unchanged=[w.run / "last.pt", w.run / "settings.yaml"])
     for which in ("evil", "truncated", "nan"):
         c[f"train-resume-hostile-{which}"] = lambda w, t, which=which: Case(
             _train(w, w.prepared, t / "r", "--resume", str(_hostile(w, f"{which}.pt"))), f"{which}.pt", [t / "r"])
@@ -234,8 +237,17 @@ def _evaluate_cases(c: dict) -> None:
                                                        "4 bands")
     c["evaluate-out-of-range-label"] = lambda w, t: (lambda d: Case(_evaluate(w, w.run, d[0]), str(d[1].parent)))(
         _bad_label_crop(w, t, "val"))
-    c["evaluate-unwritable-json"] = lambda w, t: Case(_evaluate(w, w.run, None, "--json",
+    c["evaluate-unwritable-json"] = lambda w, t: Case(_evaluate(w, w.run, None, "--json-out",
                                                                 str(w.bad / "a_file" / "s.json")), "a_file")
+    # the old `evaluate A.pt B.pt --json` wrote the scores over checkpoint B
+    c["evaluate-second-checkpoint"] = lambda w, t: Case(
+        ["evaluate", str(w.run / "last.pt"), str(w.run / "best.pt"), "--json", "--data", str(w.prepared)],
+        "--json-out", unchanged=[w.run / "best.pt"])
+    c["evaluate-json-out-existing"] = lambda w, t: Case(_evaluate(w, w.run, None, "--json-out", str(w.run / "best.pt")),
+                                                        "--overwrite", unchanged=[w.run / "best.pt"])
+    # checked before anything loads: the truncated checkpoint is never reached
+    c["evaluate-json-out-folder"] = lambda w, t: Case(_evaluate(w, _hostile(w, "truncated.pt"), None, "--json-out",
+                                                                str(w.bad)), "is a folder")
     for which in ("evil", "truncated", "nan"):
         c[f"evaluate-hostile-{which}"] = lambda w, t, which=which: Case(_evaluate(w, _hostile(w, f"{which}.pt")),
                                                                         f"{which}.pt")
@@ -250,6 +262,8 @@ def _predict_cases(c: dict) -> None:
     c["predict-unwritable"] = lambda w, t: Case(_predict(w, w.tif, w.bad / "a_file" / "m.tif"), "a_file")
     c["predict-existing-input-as-output"] = lambda w, t: Case(_predict(w, w.tif, w.tif), "overwrite input",
                                                               unchanged=[w.tif])
+    c["predict-foreign-output"] = lambda w, t: Case(_predict(w, w.tif, w.bad / "two_bands.tif"), "--overwrite",
+                                                    unchanged=[w.bad / "two_bands.tif"])
     c["predict-missing-checkpoint"] = lambda w, t: Case(_predict(w, w.tif, t / "m.tif", t / "no.pt"), "no.pt",
                                                         [t / "m.tif"])
     for which in ("evil", "truncated", "nan"):

@@ -18,6 +18,7 @@ from rich.console import Console
 
 from cmdbnet.errors import CmdbError
 from cmdbnet.settings import Settings, load_settings
+from cmdbnet.utils import disk_full_cause, disk_full_error
 
 console = Console()
 err_console = Console(stderr=True)
@@ -49,6 +50,12 @@ def cli_errors(fn: F) -> F:
         except KeyboardInterrupt:
             typer.echo("cmdb: interrupted", err=True)
             raise typer.Exit(130) from None
+        except OSError as exc:  # a full disk in a write that is not ours (TensorBoard, a library)
+            full = disk_full_cause(exc)
+            if full is None:
+                raise
+            typer.echo(f"cmdb: error: {disk_full_error(full.filename or 'a file', full.strerror)}", err=True)
+            raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
 

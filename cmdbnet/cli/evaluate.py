@@ -28,7 +28,7 @@ def check_evaluate_inputs(checkpoint: Path, data: Path, split: str) -> None:
 
 def evaluate_command(
     checkpoint: Path = typer.Argument(..., help="Checkpoint file or run folder (best.pt is used)."),
-    legacy_json: Optional[Path] = typer.Argument(None, hidden=True),
+    extra: Optional[Path] = typer.Argument(None, hidden=True),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Prepared folder (from cmdb prepare); or data.prepared in --config."),
     config: Optional[Path] = ConfigOption,
     split: str = typer.Option("val", "--split", help="Prepared split: val, or test for paper numbers."),
@@ -38,7 +38,9 @@ def evaluate_command(
     batch: Optional[int] = typer.Option(None, "--batch", help="Crops per forward pass (predict.batch, default 8)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Data-loader workers (data.workers)."),
     as_json: bool = JsonFlag,
-    json_out: Optional[Path] = typer.Option(None, "--json-out", help="Also write the result as JSON to this file."),
+    json_out: Optional[Path] = typer.Option(None, "--json-out", help="Also write the result as JSON to this file "
+                                            "(replaces an earlier result; any other file only with --overwrite)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Let --json-out replace a file that is not a result."),
 ) -> None:
     """Score a checkpoint on a prepared split: per-class table, means and the protocol used.
 
@@ -50,12 +52,9 @@ def evaluate_command(
 
       cmdb evaluate runs/potsdam -c examples/potsdam.yaml --json | jq .mIoU
     """
-    if legacy_json is not None:
-        if not as_json:
-            raise CmdbError(f"unexpected argument {legacy_json}; evaluate takes one checkpoint")
-        err_console.print(f"cmdb: warning: `--json FILE` is deprecated; use `--json-out {legacy_json}` "
-                          "(`--json` now prints to stdout)")
-        as_json, json_out = False, legacy_json
+    if extra is not None:  # the old `--json FILE` form: never write over what may be another checkpoint
+        raise CmdbError(f"unexpected argument {extra}: evaluate takes one checkpoint; to write the scores to a "
+                        "file use --json-out FILE (nothing was written)")
     settings = settings_from(config, data={"prepared": data, "workers": workers},
                              predict={"device": device, "batch": batch})
     if settings.data.prepared is None:
@@ -66,7 +65,8 @@ def evaluate_command(
 
     result = evaluate(checkpoint, settings.data.prepared, split=split, tta="d4" if tta else "none",
                       ignore_clutter=ignore_clutter, device=settings.predict.device, batch=batch,
-                      workers=workers, json_out=json_out, progress=err_console.is_terminal)
+                      workers=workers, json_out=json_out, progress=err_console.is_terminal,
+                      overwrite=overwrite)
     for warning in result.get("warnings", []):
         typer.echo(f"cmdb: warning: {warning}", err=True)
     if as_json:

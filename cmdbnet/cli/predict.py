@@ -51,7 +51,8 @@ def predict_command(
     cog: Optional[bool] = typer.Option(None, "--cog/--no-cog",
                                        help="Cloud-Optimised GeoTIFFs: overviews, streamable by QGIS and web maps."),
     overwrite: bool = typer.Option(False, "--overwrite",
-                                   help="Predict again even where complete outputs of an identical run exist."),
+                                   help="Predict again even where complete outputs of an identical run exist, and "
+                                        "replace output files cmdb did not write."),
     vector: Optional[Path] = typer.Option(None, "--vector", help="Also write the masks' polygons to this .gpkg."),
     vector_classes: Optional[str] = typer.Option(None, "--vector-classes",
                                                  help="Comma-separated classes to polygonise (default all)."),

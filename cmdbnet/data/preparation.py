@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import rasterio
 from affine import Affine
-from rasterio.errors import NotGeoreferencedWarning
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
 from cmdbnet.data.manifest import (
     DONE_DIR,
@@ -49,7 +49,7 @@ from cmdbnet.data.raw import UNKNOWN, LabelDecoder, RasterInfo, RawTile, check_t
 from cmdbnet.data.registry import get_spec
 from cmdbnet.errors import CmdbError
 from cmdbnet.progress import progress_bar
-from cmdbnet.utils import atomic_path, remove_partial_files
+from cmdbnet.utils import atomic_path, disk_full_error, remove_partial_files, write_failure
 
 EDGE_RULE = "last crop of a row/column shifted back to end at the tile edge (overlaps its neighbour)"
 NONFINITE_POLICY = "NaN/inf image pixels: every band set to 0, label set to the ignore index"
@@ -114,10 +114,24 @@ def _file_record(path: Path, root: Path) -> dict[str, Any]:
 
 
 def _write_tif(path: Path, array: np.ndarray, profile: dict[str, Any]) -> None:
+    """Write one uncompressed crop and read it back before it gets its final name.
+
+    Why: GDAL reports a write that failed at its final flush (a full disk) only in its log,
+    and a crop that does not read back would otherwise be marked done and skipped forever.
+    """
     with atomic_path(path, suffix=".tif") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)  # sources without georeferencing
-        with rasterio.open(tmp, "w", **profile) as dst:
-            dst.write(array)
+        try:
+            with rasterio.open(tmp, "w", **profile) as dst:
+                dst.write(array)
+            with rasterio.open(tmp) as src:  # uncompressed: whole only if every byte is there
+                whole = tmp.stat().st_size >= array.nbytes and src.read().shape == array.shape
+        except RasterioError:
+            whole = False
+        if not whole:
+            cause = write_failure(tmp.parent, array.nbytes + (64 << 10))
+            raise disk_full_error(path, cause.strerror) if cause else CmdbError(f"{path} did not read back after "
+                                                                                 "writing it; check the disk")
 
 
 def cut_tile(job: TileJob, on_strip: Callable[[int], None] | None = None) -> dict[str, Any]:

@@ -143,7 +143,7 @@ def predict(inputs: str | os.PathLike | Iterable[str | os.PathLike], out: str | 
         items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
         files = expand_inputs(items)
         check_output_outside_inputs(items, out)
-        plans = plan_outputs(files, out, s)
+        plans = plan_outputs(files, out, s, overwrite)
         out = Path(out)
         single = not out.is_dir() and out.suffix.lower() in OUTPUT_EXTS
         run = _Run(s, files, plans, checkpoint, dinfo, progress, overwrite, keep_going)
@@ -209,11 +209,18 @@ class _Run:
             self._styles()
         if not error and self.vector is not None:
             error = self._vectorise()
-        if not error and folder is not None and self.dinfo.is_main:
-            self._mosaic(folder)
-        if folder is not None and self.dinfo.is_main and (summaries or not error):  # a run that made nothing
-            self._write_summary(folder, summaries, error, time.time() - t0)
-        gather(None, self.dinfo)  # nobody returns (and releases the lock) before rank 0 is done
+        late = None  # rank 0's own error (mosaic, summary; a full disk): said once the others are done
+        try:
+            if not error and folder is not None and self.dinfo.is_main:
+                self._mosaic(folder)
+        except CmdbError as exc:
+            late = str(exc)
+        try:
+            if folder is not None and self.dinfo.is_main and (summaries or not error):  # a run that made nothing
+                self._write_summary(folder, summaries, error or late, time.time() - t0)
+        except CmdbError as exc:
+            late = late or str(exc)
+        error = error or next((e for e in gather(late, self.dinfo) if e), None)  # before anyone releases the lock
         if error:
             raise CmdbError(error)
         for note in self.notes:

@@ -154,7 +154,8 @@ def wanted_products(s: PredictSettings) -> list[str]:
     return out
 
 
-def plan_outputs(files: list[Path], out: str | os.PathLike, s: PredictSettings) -> list[dict[str, Path]]:
+def plan_outputs(files: list[Path], out: str | os.PathLike, s: PredictSettings,
+                 overwrite: bool = False) -> list[dict[str, Path]]:
     """Output path of every product of every input; refuses clashes before any work is done.
 
     One input and ``out`` ending in .tif/.tiff: the first product is ``out`` and the others
@@ -179,7 +180,21 @@ def plan_outputs(files: list[Path], out: str | os.PathLike, s: PredictSettings) 
             plan = {p: out / f"{f.stem}_{p}.tif" for p in products}
         plans.append(plan)
     _check_plan(files, plans)
+    foreign = [p for plan in plans for p in plan.values() if p.exists() and not _ours(p)]
+    if foreign and not overwrite:
+        raise CmdbError(f"output {foreign[0]} already exists and was not written by cmdb predict"
+                        + (f" ({len(foreign)} such files)" if len(foreign) > 1 else "")
+                        + "; choose another -o, or pass --overwrite to replace it")
     return plans
+
+
+def _ours(path: Path) -> bool:
+    """A product of an earlier cmdb predict (its ``software`` tag), which a re-run may replace."""
+    try:
+        with quiet_georef(), rasterio.open(path) as src:
+            return src.tags().get("software") == "cmdbnet"
+    except (RasterioError, OSError):
+        return False
 
 
 def _check_plan(files: list[Path], plans: list[dict[str, Path]]) -> None:

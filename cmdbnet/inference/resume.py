@@ -3,9 +3,10 @@
 Why: a city is thousands of tiles and a job that dies must lose only the files in flight.
 Outputs are renamed into place only when whole (``utils.atomic_path``), and every product
 carries a ``cmdb_fingerprint`` tag (checkpoint hash, the settings that change pixels, the
-input's size and mtime). A re-run skips an input only when every one of its products opens,
-carries the same fingerprint, has the input's size and all its blocks lie inside the file;
-anything else (truncated, another checkpoint, other settings) is predicted again.
+input's size, mtime, ctime and inode: :func:`input_fingerprint`). A re-run skips an input
+only when every one of its products opens, carries the same fingerprint, has the input's size
+and all its blocks lie inside the file; anything else (truncated, another checkpoint, other
+settings) is predicted again.
 
 One run per output folder: a lock file holding the first run's pid, host and start time
 refuses a second run; a lock left by a dead process on this host is taken over.
@@ -43,8 +44,16 @@ def run_fingerprint(ckpt_sha256: str, s: PredictSettings) -> str:
 
 
 def input_fingerprint(run_fp: str, path: Path) -> str:
+    """``run_fp`` plus the input's size, mtime, ctime and inode: any write to its pixels changes it.
+
+    Why not a hash of the pixels: it would read every input in full on every run and resume.
+    The kernel sets ctime on every write, rename or chmod and no tool can set it back (mtime can
+    be, by ``touch -d`` or a copy that keeps times), so an input edited in place or replaced is
+    predicted again; the cost is a false alarm: a copied, moved or chmod-ed input is predicted again.
+    """
     st = path.stat()
-    return hashlib.sha256(f"{run_fp}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    ident = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
+    return hashlib.sha256(f"{run_fp}:{ident}".encode()).hexdigest()[:24]
 
 
 def output_complete(path: Path, fingerprint: str, width: int, height: int) -> bool:

@@ -46,7 +46,13 @@ from cmdbnet.runtime import (
 from cmdbnet.settings import Settings
 from cmdbnet.training.console import TrainUI, scan_note
 from cmdbnet.training.optim import build_optimizer, build_scheduler
-from cmdbnet.training.setup import check_train_inputs, dataset_info, prepare_run_dir, settings_for_data
+from cmdbnet.training.setup import (
+    check_resume_settings,
+    check_train_inputs,
+    dataset_info,
+    prepare_run_dir,
+    settings_for_data,
+)
 from cmdbnet.training.step import StepOutOfMemory, run_step_group
 from cmdbnet.training.tensorboard import TBLogger, preview_strip
 from cmdbnet.utils import write_text_atomic
@@ -92,6 +98,7 @@ class Trainer:
         self.stop_after_steps, self.fault_hook = stop_after_steps, fault_hook
         self.precision = resolve_precision(self.cfg.amp, self.cfg.amp_dtype, self.device)
         self.micro_batch, self.accum = self.cfg.batch, self.cfg.accum
+        self.resume_note = ""
         resume = self._resume_payload(settings)
         seed_everything(self.cfg.seed)
         self.settings = settings
@@ -129,9 +136,7 @@ class Trainer:
         if "optimizer" not in ckpt:
             raise CmdbError(f"--resume {src}: this checkpoint holds weights only (best.pt keeps no optimizer "
                             "state); resume from last.pt or the run folder")
-        if ckpt.get("settings", {}).get("model") != settings.model.model_dump(mode="json"):
-            raise CmdbError(f"--resume {src}: the model settings differ from the checkpoint's; "
-                            "resume with the same config and flags")
+        self.resume_note = check_resume_settings(src, ckpt.get("settings") or {}, settings)
         return ckpt
 
     def _restore(self, ckpt: dict) -> None:
@@ -313,7 +318,7 @@ class Trainer:
             prepare_run_dir(self.run_dir, self.cfg.overwrite and self.cfg.resume is None)
             write_text_atomic(self.run_dir / "settings.yaml", self.settings.to_yaml())
             self.tb = TBLogger(self.run_dir / "tb")
-        for note in (self.fit_note, self.precision.note, scan_note(self.device)):
+        for note in (self.fit_note, self.resume_note, self.precision.note, scan_note(self.device)):
             if note:
                 self.ui.log(note)
         history: list[dict[str, Any]] = []

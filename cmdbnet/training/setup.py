@@ -77,3 +77,43 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
         shutil.rmtree(run_dir / "tb", ignore_errors=True)
+
+
+# Settings a resumed run may change: where things are and what runs them, not what is computed.
+RESUME_FREE = {"train": {"out", "resume", "overwrite", "device", "log_images", "time_limit_min", "fit_vram"},
+               "data": {"prepared", "root", "workers", "pin_memory", "dataset", "stride", "bands", "eroded"},
+               "predict": None}  # None: the whole section
+# How long to train: applied on resume (the schedule is stretched to the new length) and said so.
+RESUME_APPLIED = {"train": {"epochs", "max_steps", "val_interval"}}
+
+
+def resume_differences(saved: dict[str, Any], now: Settings) -> tuple[list[str], list[str]]:
+    """(refused, applied): ``section.field old -> new`` for each setting ``now`` changes against a checkpoint's.
+
+    Why: the optimizer and schedule state come from the checkpoint, so a changed learning rate (or
+    loss weight, crop, batch) would be recorded in settings.yaml but not used; refusing is the honest
+    answer. The run's length is the exception: epochs / max_steps / val_interval are applied.
+    """
+    refused, applied = [], []
+    current = now.model_dump(mode="json")
+    for section, fields in current.items():
+        free = RESUME_FREE.get(section, set())
+        if section in RESUME_FREE and free is None:
+            continue
+        old_fields = saved.get(section) or {}
+        for name, value in fields.items():
+            if name in free or old_fields.get(name, value) == value:
+                continue
+            line = f"{section}.{name} {old_fields.get(name)} -> {value}"
+            (applied if name in RESUME_APPLIED.get(section, ()) else refused).append(line)
+    return refused, applied
+
+
+def check_resume_settings(src: Path, saved: dict[str, Any], now: Settings) -> str:
+    """Refuse a resume whose settings change what is computed; returns a note on what it applies."""
+    refused, applied = resume_differences(saved, now)
+    if refused:
+        what = "model" if any(d.startswith("model.") for d in refused) else "training"
+        raise CmdbError(f"--resume {src}: the {what} settings differ from the checkpoint's: {', '.join(refused)}; "
+                        "resume with the same config and flags, or start a new run (another --out)")
+    return f"resume: applying {', '.join(applied)}" if applied else ""

@@ -122,3 +122,32 @@ def test_uint16_data_gets_its_own_statistics(synth_potsdam_raw, tmp_path):
     assert settings_for_data(custom, manifest).data.mean == [1, 2, 3]
     with pytest.raises(CmdbError, match="uint16 pixels, but data.mean/data.std are 8-bit"):
         settings_for_data(settings, {k: v for k, v in manifest.items() if k not in ("mean", "std")})
+
+
+def _file_size_limit(limit: int):
+    """For a child process: files it writes may not grow past ``limit`` bytes (writes then fail with
+    EFBIG, as on a full disk, instead of SIGXFSZ killing it)."""
+    import resource
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_full_disk_stops_prepare_with_one_line_and_a_rerun_finishes(synth_potsdam_raw, prepared_potsdam, tmp_path):
+    """An image crop (3 x 128 x 128 bytes of pixels) no longer fits: GDAL fails at its final flush."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "cmdbnet", "prepare", "potsdam", "-r", str(synth_potsdam_raw.root), "-o", str(out),
+           "--crop", "128", "--workers", "0"]
+    res = subprocess.run(cmd, preexec_fn=_file_size_limit(3 * 128 * 128), capture_output=True, text=True,
+                         timeout=120)
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("cmdb: error:")]
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert len(errors) == 1 and errors[0].startswith("cmdb: error: disk full writing ") and "images" in errors[0]
+    assert [p for p in out.rglob("*") if p.is_file()] == []  # no crop, part, done marker or manifest
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    crops = sorted(p.relative_to(out) for p in out.rglob("*.tif"))
+    assert crops == sorted(p.relative_to(prepared_potsdam) for p in prepared_potsdam.rglob("*.tif"))
+    assert all((out / c).read_bytes() == (prepared_potsdam / c).read_bytes() for c in crops)

@@ -174,3 +174,30 @@ def test_ctrl_c_during_the_last_validation_then_resume_trains_no_extra_step(prep
     assert result.steps == 2 and result.last_metrics is not None
     final = _state(tmp_path / "run" / "last.pt")
     assert all(torch.equal(saved[k], final[k]) for k in saved)
+
+
+SAVE_UNDER_LIMIT = textwrap.dedent("""
+    import resource, signal, sys
+    import torch
+    from cmdbnet.checkpoint import save_checkpoint
+    from cmdbnet.errors import CmdbError
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+    try:
+        save_checkpoint(sys.argv[1], {"model": {"w": torch.zeros(100_000)}, "settings": {}, "dataset": {}})
+    except CmdbError as exc:
+        print(exc)
+        sys.exit(2)
+""")
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_leaves_nothing(tmp_path):
+    final = tmp_path / "last.pt"
+    res = subprocess.run([sys.executable, "-c", SAVE_UNDER_LIMIT, str(final)], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stdout.startswith(f"disk full writing {final} (File too large)"), res.stdout
+    assert list(tmp_path.iterdir()) == []  # neither last.pt nor its temporary file
+    save_checkpoint(final, {"model": {"w": torch.zeros(100_000)}, "settings": {}, "dataset": {}})  # limit lifted
+    assert load_checkpoint(final)["model"]["w"].shape == (100_000,)

@@ -49,13 +49,39 @@ def test_exact_resume_matches_uninterrupted_run(prepared_potsdam, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_resume_refuses_other_model_settings(prepared_potsdam, tmp_path):
+def test_resume_refuses_changed_model_or_training_settings_and_applies_a_longer_run(prepared_potsdam, tmp_path):
+    """A changed learning rate would be recorded in settings.yaml while the optimizer kept the old one."""
+    run = tmp_path / "r"
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_settings(prepared_potsdam, tmp_path / "r"), progress=False, stop_after_steps=1)
-    s = tiny_settings(prepared_potsdam, tmp_path / "r", resume=tmp_path / "r")
+        train(tiny_settings(prepared_potsdam, run), progress=False, stop_after_steps=1)
+    kept = {n: (run / n).stat().st_mtime_ns for n in ("last.pt", "settings.yaml")}
+    s = tiny_settings(prepared_potsdam, run, resume=run)
     s.model.d_state = 8
     with pytest.raises(CmdbError, match="model settings differ"):
         train(s, progress=False)
+    s = tiny_settings(prepared_potsdam, run, resume=run, lr=1e-3)
+    s.data.crop = 32
+    with pytest.raises(CmdbError) as err:
+        train(s, progress=False)
+    assert str(err.value).startswith(f"--resume {run}: the training settings differ from the checkpoint's: ")
+    assert "train.lr 0.0001 -> 0.001" in str(err.value) and "data.crop 64 -> 32" in str(err.value)
+    assert {n: (run / n).stat().st_mtime_ns for n in kept} == kept  # nothing written
+    # where things are and how long to train may change (the latter applied); the rest resumes as before
+    longer = tiny_settings(prepared_potsdam, run, resume=run, max_steps=2, device="auto", log_images=0)
+    assert train(longer, progress=False).steps == 2
+    assert yaml.safe_load((run / "settings.yaml").read_text())["train"]["max_steps"] == 2
+
+
+def test_resume_differences_lists_refused_and_applied_settings():
+    from cmdbnet.training.setup import check_resume_settings, resume_differences
+
+    saved = load_settings(None, {"train": {"lr": 1e-4, "epochs": 300}}).model_dump(mode="json")
+    now = load_settings(None, {"train": {"lr": 1e-4, "epochs": 500, "out": "elsewhere", "device": "cpu"},
+                               "data": {"workers": 0}, "predict": {"tile": 256}})
+    assert resume_differences(saved, now) == ([], ["train.epochs 300 -> 500"])
+    assert check_resume_settings(Path("r"), saved, now) == "resume: applying train.epochs 300 -> 500"
+    boundary = now.model_copy(update={"train": now.train.model_copy(update={"boundary_weight": 0.5})})
+    assert resume_differences(saved, boundary)[0] == ["train.boundary_weight 0.3 -> 0.5"]
 
 
 class _NoBatchStats(torch.nn.Module):
@@ -197,12 +223,10 @@ def test_evaluate_cli_json(trained_run, prepared_potsdam, tmp_path):
                               "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["mIoU"] == pytest.approx(data["mIoU"])
-    # the old `--json FILE` still writes the file, with a deprecation warning
-    legacy = tmp_path / "legacy.json"
-    res = runner.invoke(app, ["evaluate", str(trained_run), "--data", str(prepared_potsdam), "--json", str(legacy),
-                              "--device", "cpu", "--workers", "0"])
+    # --json-out replaces an earlier result of evaluate
+    res = runner.invoke(app, ["evaluate", str(trained_run), "--data", str(prepared_potsdam), "--json-out", str(out),
+                              "--ignore-clutter", "--device", "cpu", "--workers", "0"])
     assert res.exit_code == 0, res.output
-    assert "deprecated" in res.stderr and json.loads(legacy.read_text())["OA"] == pytest.approx(data["OA"])
     bad = runner.invoke(app, ["evaluate", str(tmp_path / "nope.pt"), "--data", str(prepared_potsdam)])
     assert bad.exit_code != 0 and "checkpoint not found" in bad.output
 
