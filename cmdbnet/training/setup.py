@@ -80,7 +80,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
 
 
 # Settings a resumed run may change: where things are and what runs them, not what is computed.
-RESUME_FREE = {"train": {"out", "resume", "overwrite", "device", "log_images", "time_limit_min", "fit_vram"},
+RESUME_FREE = {"train": {"out", "resume", "overwrite", "device", "log_images", "time_limit_min", "fit_vram", "tf32"},
                "data": {"prepared", "root", "workers", "pin_memory", "dataset", "stride", "bands", "eroded"},
                "predict": None}  # None: the whole section
 # How long to train: applied on resume (the schedule is stretched to the new length) and said so.
