@@ -39,11 +39,11 @@ import torch
 import triton
 import triton.language as tl
 
-from cmdbnet.models.scan import triton_grid
 from cmdbnet.models.scan.footprint import TRITON_BLOCK_L
 from cmdbnet.models.scan.parallel import parallel_backward
+from cmdbnet.models.scan.triton_grid import backward_launches, forward_launches
 
-__all__ = ["TritonScan", "interpreter_ready", "kernels", "launch_plan"]
+__all__ = ["TritonScan", "backward_launches", "forward_launches", "interpreter_ready", "jitted", "kernels"]
 
 BLOCK_L = TRITON_BLOCK_L
 
@@ -360,13 +360,9 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
 
 
-def launch_plan(b: int, d: int, g: int, n: int, l: int, device: torch.device) -> triton_grid.GridPlan:  # noqa: E741
-    """The grid of a (B, D, L) call with G groups and d_state N on ``device``."""
-    return triton_grid.plan(b, g, d // g, n, l, _sm_count(torch.device(device)))
-
-
-def _bc_strides(t: torch.Tensor) -> tuple[int, ...]:
-    return tuple(t.stride())
+def _launch(kernel, launches) -> None:
+    for grid, args, kw in launches:
+        kernel[grid](*args, **kw)
 
 
 class TritonScan(torch.autograd.Function):
@@ -382,24 +378,11 @@ class TritonScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):  # noqa: N803
-        b, d, l = u.shape  # noqa: E741
-        g, n = B.shape[1], A.shape[1]
         u, delta, A = u.contiguous(), delta.contiguous(), A.contiguous()
         D, z, delta_bias = (None if t is None else t.contiguous() for t in (D, z, delta_bias))
-        p = launch_plan(b, d, g, n, l, u.device)
-        out = u.new_empty((b, d, l))
-        states = u.new_empty((b, d, n, p.n_blocks))
-        last = u.new_empty((b, d, n))
-        hloc, prod = (u.new_empty((p.n_chunks, b, d, n)) if p.n_chunks > 1 else u for _ in range(2))
-        fwd = kernels(triton.knobs.runtime.interpret)[0]
-        args = (u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
-                delta_bias if delta_bias is not None else u, out, states, last, hloc, prod,
-                d, d // g, g, l, n, p.n_blocks, p.chunk, p.n_chunks, *_bc_strides(B), *_bc_strides(C))
-        flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                     SOFTPLUS=bool(delta_softplus), BLOCK_D=p.block_d, N_PAD=p.n_pad, BL=BLOCK_L)
-        if p.n_chunks > 1:  # the carry pass: every chunk but the last from a zero state
-            fwd[(b * g, p.n_dblk, p.n_chunks - 1)](*args, LOCAL=True, **flags)
-        fwd[p.grid](*args, LOCAL=False, **flags)
+        out, last, states, launches = forward_launches(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                                       _sm_count(u.device))
+        _launch(kernels(triton.knobs.runtime.interpret)[0], launches)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
         ctx.delta_softplus = bool(delta_softplus)
         ctx.set_materialize_grads(False)
@@ -410,37 +393,15 @@ class TritonScan(torch.autograd.Function):
     def backward(ctx, gout, glast):
         u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
         gout = torch.zeros_like(u) if gout is None else gout.contiguous()
+        glast = None if glast is None else glast.contiguous()
         try:
-            return _backward(u, delta, A, B, C, D, z, delta_bias, states, ctx.delta_softplus, gout, glast)
+            launches, finish = backward_launches(u, delta, A, B, C, D, z, delta_bias, states, ctx.delta_softplus,
+                                                 gout, glast, _sm_count(u.device))
+            _launch(kernels(triton.knobs.runtime.interpret)[1], launches)
+            return finish()
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:  # noqa: BLE001 - any compile or launch error; on_failure decides
             if not TritonScan.on_failure(exc):
                 raise
             return parallel_backward(ctx.saved_tensors, ctx.delta_softplus, ctx.needs_input_grad, gout, glast)
-
-
-def _backward(u, delta, A, B, C, D, z, delta_bias, states, softplus, gout, glast):  # noqa: N803
-    b, d, l = u.shape  # noqa: E741
-    g, n = B.shape[1], A.shape[1]
-    p = launch_plan(b, d, g, n, l, u.device)
-    gu, gdelta = torch.empty_like(u), torch.empty_like(u)
-    gz = torch.empty_like(u) if z is not None else None
-    gB, gC = (u.new_empty((b, g, p.n_dblk, n, l)) for _ in range(2))  # noqa: N806
-    gA = u.new_empty((p.n_chunks * b, d, n))  # noqa: N806
-    gD, gbias = u.new_empty((p.n_chunks * b, d)), u.new_empty((p.n_chunks * b, d))  # noqa: N806
-    gcar, prod = (u.new_empty((p.n_chunks, b, d, n)) if p.n_chunks > 1 else u for _ in range(2))
-    bwd = kernels(triton.knobs.runtime.interpret)[1]
-    head = (u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
-            delta_bias if delta_bias is not None else u, states, gout,
-            glast.contiguous() if glast is not None else u, gcar, prod, gu, gdelta, gz if gz is not None else u,
-            gB, gC, gA, gD, gbias, d, d // g, g, l, n, p.n_blocks, p.n_dblk, p.chunk, p.n_chunks)
-    strides = (*_bc_strides(B), *_bc_strides(C))
-    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-                 HAS_GLAST=glast is not None, BLOCK_D=p.block_d, N_PAD=p.n_pad, BL=BLOCK_L)
-    if p.n_chunks > 1:  # the carry pass: every chunk but the first from a zero gradient
-        bwd[(b * g, p.n_dblk, p.n_chunks - 1)](*head, 1, *strides, LOCAL=True, **flags)
-    bwd[p.grid](*head, 0, *strides, LOCAL=False, **flags)
-    gB, gC = (t[:, :, 0] if p.n_dblk == 1 else t.sum(2) for t in (gB, gC))  # noqa: N806
-    return (gu, gdelta, gA.sum(0), gB, gC, gD.sum(0) if D is not None else None, gz,
-            gbias.sum(0) if delta_bias is not None else None, None)

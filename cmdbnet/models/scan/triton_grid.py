@@ -1,4 +1,4 @@
-"""How the Triton scan splits a call into programs: channel blocks, then chunks of L.
+"""How the Triton scan splits a call into programs (channel blocks, then chunks of L), and its launches.
 
 Pure arithmetic on the call's shape and the card's multiprocessor count, so it is tested on a
 CPU and printed by ``benchmarks/gpu.py`` for the network's shapes.
@@ -27,9 +27,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 from cmdbnet.models.scan.footprint import TRITON_BLOCK_L
 
-__all__ = ["MAX_BLOCK_D", "MIN_CHUNK_BLOCKS", "MIN_TILE", "PROGRAMS_PER_SM", "TILE", "GridPlan", "plan"]
+__all__ = ["MAX_BLOCK_D", "MIN_CHUNK_BLOCKS", "MIN_TILE", "PROGRAMS_PER_SM", "TILE", "GridPlan", "backward_launches",
+           "forward_launches", "launch_plan", "plan"]
 
 TILE = 2048  # at most channels x d_state x steps elements per scanned tile (registers)
 MAX_BLOCK_D = 16
@@ -77,3 +80,61 @@ def plan(b: int, g: int, dg: int, n: int, l: int, sms: int) -> GridPlan:  # noqa
         chunk = min(n_blocks, max(MIN_CHUNK_BLOCKS, math.ceil(n_blocks / wanted)))
     n_chunks = math.ceil(n_blocks / chunk)
     return GridPlan(block_d, n_pad, n_dblk, n_blocks, chunk, n_chunks, (b * g, n_dblk, n_chunks))
+
+
+def launch_plan(b: int, d: int, g: int, n: int, l: int, sms: int) -> GridPlan:  # noqa: E741
+    """The grid of a (B, D, L) call with G groups and d_state N on a card of ``sms`` multiprocessors."""
+    return plan(b, g, d // g, n, l, sms)
+
+
+def _opt(t, u):
+    return t if t is not None else u  # a pointer the kernel never reads
+
+
+def forward_launches(u, delta, A, B, C, D, z, delta_bias, softplus, sms):  # noqa: N803
+    """(out, last_state, checkpoints, launches): the forward's buffers and its kernel launches as
+    (grid, args, keywords), in order, not run. Inputs contiguous fp32, B and C (B, G, N, L)."""
+    b, d, l = u.shape  # noqa: E741
+    g, n = B.shape[1], A.shape[1]
+    p = launch_plan(b, d, g, n, l, sms)
+    out, last, states = u.new_empty((b, d, l)), u.new_empty((b, d, n)), u.new_empty((b, d, n, p.n_blocks))
+    hloc, prod = (u.new_empty((p.n_chunks, b, d, n)) if p.n_chunks > 1 else u for _ in range(2))
+    args = (u, delta, A, B, C, _opt(D, u), _opt(z, u), _opt(delta_bias, u), out, states, last, hloc, prod,
+            d, d // g, g, l, n, p.n_blocks, p.chunk, p.n_chunks, *B.stride(), *C.stride())
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                 SOFTPLUS=bool(softplus), BLOCK_D=p.block_d, N_PAD=p.n_pad, BL=TRITON_BLOCK_L)
+    launches = [(p.grid, args, {**flags, "LOCAL": False})]
+    if p.n_chunks > 1:  # first the carry pass: every chunk but the last from a zero state
+        launches.insert(0, ((b * g, p.n_dblk, p.n_chunks - 1), args, {**flags, "LOCAL": True}))
+    return out, last, states, launches
+
+
+def backward_launches(u, delta, A, B, C, D, z, delta_bias, states, softplus, gout, glast, sms):  # noqa: N803
+    """(launches, finish): the backward's kernel launches as in :func:`forward_launches`, and
+    what returns the gradients once they ran."""
+    b, d, l = u.shape  # noqa: E741
+    g, n = B.shape[1], A.shape[1]
+    p = launch_plan(b, d, g, n, l, sms)
+    gu, gdelta = torch.empty_like(u), torch.empty_like(u)
+    gz = torch.empty_like(u) if z is not None else None
+    gB, gC = (u.new_empty((b, g, p.n_dblk, n, l)) for _ in range(2))  # noqa: N806
+    gA = u.new_empty((p.n_chunks * b, d, n))  # noqa: N806
+    gD, gbias = u.new_empty((p.n_chunks * b, d)), u.new_empty((p.n_chunks * b, d))  # noqa: N806
+    gcar, prod = (u.new_empty((p.n_chunks, b, d, n)) if p.n_chunks > 1 else u for _ in range(2))
+    head = (u, delta, A, B, C, _opt(D, u), _opt(z, u), _opt(delta_bias, u), states, gout, _opt(glast, u),
+            gcar, prod, gu, gdelta, _opt(gz, u), gB, gC, gA, gD, gbias,
+            d, d // g, g, l, n, p.n_blocks, p.n_dblk, p.chunk, p.n_chunks)
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                 SOFTPLUS=bool(softplus), HAS_GLAST=glast is not None, BLOCK_D=p.block_d, N_PAD=p.n_pad,
+                 BL=TRITON_BLOCK_L)
+    launches = [(p.grid, (*head, 0, *B.stride(), *C.stride()), {**flags, "LOCAL": False})]
+    if p.n_chunks > 1:  # first the carry pass: every chunk but the first from a zero gradient
+        launches.insert(0, ((b * g, p.n_dblk, p.n_chunks - 1), (*head, 1, *B.stride(), *C.stride()),
+                            {**flags, "LOCAL": True}))
+
+    def finish():
+        gb, gc = (t[:, :, 0] if p.n_dblk == 1 else t.sum(2) for t in (gB, gC))
+        return (gu, gdelta, gA.sum(0), gb, gc, gD.sum(0) if D is not None else None, gz,
+                gbias.sum(0) if delta_bias is not None else None, None)
+
+    return launches, finish
