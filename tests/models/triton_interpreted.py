@@ -23,9 +23,8 @@ from scan_reference import (
 )
 
 from cmdbnet.models import scan
-from cmdbnet.models.scan import dispatch, selective_scan
+from cmdbnet.models.scan import dispatch, selective_scan, triton_grid
 from cmdbnet.models.scan import triton as triton_scan
-from cmdbnet.models.scan import triton_grid
 
 if not triton_scan.interpreter_ready():
     pytest.exit("run with TRITON_INTERPRET=1 (see test_scan_backends.py)", returncode=3)
