@@ -65,11 +65,11 @@ PARTS = {
     "a": ("gpu_scan:check_scans", 30, "scan accuracy"),
     "b": ("gpu_scan:time_scans", 30, "scan time"),
     "g": ("gpu_scan:triton_grid_rows", 20, "Triton grid"),
-    "k": ("gpu_scan:compile_rows", 80, "Triton compile table"),
+    "k": ("gpu_scan:compile_rows", 100, "Triton compile table"),
     "c": ("gpu_parts:train_steps", 90, "training step"),
     "d": ("gpu_parts:vram_estimates", 45, "profile-vram"),
-    "e": ("gpu_parts:predict_throughput", 60, "predict"),
-    "f": ("gpu_parts:demo_time", 90, "demo"),
+    "e": ("gpu_parts:predict_throughput", 45, "predict"),
+    "f": ("gpu_parts:demo_time", 80, "demo"),
 }
 SMOKE_SKIPS = {"k": "compile table: run tests/models/test_scan_triton_compile.py (no GPU needed, about a minute)"}
 

@@ -162,7 +162,7 @@ def triton_grid_rows(ctx):
 
 
 def compile_rows(ctx):
-    """(k) the compile test's full table (sm_75/80/86/90 x d_state 1/16) under this image's Triton."""
+    """(k) the compile test's full table (sm_75/80/86/90, d_state 1/4/16) under this image's Triton."""
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "models" / "test_scan_triton_compile.py")],
                           capture_output=True, text=True, cwd=ROOT, timeout=240,
                           env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
@@ -170,7 +170,8 @@ def compile_rows(ctx):
     yield "compile test", (proc.stdout.splitlines() or ["(no output)"])[0], "", None
     for ln in lines:
         cells = [c.strip() for c in ln.strip("|").split("|")]
-        yield f"{cells[0]}, d_state {cells[1]}, {cells[2]}", f"{cells[4]} registers, {cells[5]} bytes spilled", \
-            "0 spilled", cells[5] == "0"
+        yield (f"{cells[0]}, d_state {cells[1]}, {cells[2]}, grid for {cells[3]}",
+               f"{cells[4]} channels, {cells[5]} warps: {cells[6]} registers, {cells[7]} bytes spilled", "0 spilled",
+               cells[7] == "0")
     if proc.returncode and not lines:
         yield "compile test", f"FAILED (exit {proc.returncode}): {proc.stderr.strip()[-300:]}", "", False

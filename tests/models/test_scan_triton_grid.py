@@ -59,3 +59,10 @@ def test_chunks_cover_l_once_and_blocks_stay_in_bounds(n, l, sms):  # noqa: E741
 def test_a_small_card_keeps_larger_channel_blocks_and_no_chunks():
     p = plan(*stage_calls(4, 256)[0], sms=16)  # a laptop card
     assert (p.block_d, p.n_chunks, p.programs) == (8, 1, 64)
+
+
+def test_the_largest_tiles_get_eight_warps_in_the_backward():
+    """16 channels x d_state 4 x 32 steps (or 4 x 16 x 32): 2048 elements per tile, which spill at
+    4 warps in the backward; smaller tiles keep 4."""
+    assert plan(4, 4, 32, 4, 4096, 0).bwd_warps == plan(4, 4, 32, 16, 4096, 0).bwd_warps == 8
+    assert plan(4, 4, 32, 1, 4096, 0).bwd_warps == plan(4, 4, 32, 16, 4096, 132).bwd_warps == 4

@@ -56,6 +56,7 @@ class GridPlan:
     chunk: int  # blocks per chunk
     n_chunks: int
     grid: tuple[int, int, int]
+    bwd_warps: int  # 8 for the backward's largest tiles: half the registers per thread (no spills)
 
     @property
     def programs(self) -> int:
@@ -79,7 +80,8 @@ def plan(b: int, g: int, dg: int, n: int, l: int, sms: int) -> GridPlan:  # noqa
         wanted = math.ceil(target / (b * g * n_dblk))
         chunk = min(n_blocks, max(MIN_CHUNK_BLOCKS, math.ceil(n_blocks / wanted)))
     n_chunks = math.ceil(n_blocks / chunk)
-    return GridPlan(block_d, n_pad, n_dblk, n_blocks, chunk, n_chunks, (b * g, n_dblk, n_chunks))
+    warps = 8 if block_d * n_pad * TRITON_BLOCK_L >= TILE else 4
+    return GridPlan(block_d, n_pad, n_dblk, n_blocks, chunk, n_chunks, (b * g, n_dblk, n_chunks), warps)
 
 
 def launch_plan(b: int, d: int, g: int, n: int, l: int, sms: int) -> GridPlan:  # noqa: E741
@@ -126,7 +128,7 @@ def backward_launches(u, delta, A, B, C, D, z, delta_bias, states, softplus, gou
             d, d // g, g, l, n, p.n_blocks, p.n_dblk, p.chunk, p.n_chunks)
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                  SOFTPLUS=bool(softplus), HAS_GLAST=glast is not None, BLOCK_D=p.block_d, N_PAD=p.n_pad,
-                 BL=TRITON_BLOCK_L)
+                 BL=TRITON_BLOCK_L, num_warps=p.bwd_warps)
     launches = [(p.grid, (*head, 0, *B.stride(), *C.stride()), {**flags, "LOCAL": False})]
     if p.n_chunks > 1:  # first the carry pass: every chunk but the first from a zero gradient
         launches.insert(0, ((b * g, p.n_dblk, p.n_chunks - 1), (*head, 1, *B.stride(), *C.stride()),
