@@ -20,6 +20,10 @@ mostly idle at the network's stage-1 shape (few channels, long L) and a whole-im
 
 Chosen over channels alone because the channel count bounds that lever: at batch 1 no channel
 split gives a 132-SM card more than the call's channels, each walking the whole of L.
+
+Where a card is small or the batch large, tiles stay at their largest (``TILE`` elements); the
+backward then runs 8 warps instead of 4, since it keeps several such tiles live and 4 warps
+spill registers at 16 channels x d_state 4.
 """
 
 from __future__ import annotations
