@@ -1,132 +1,34 @@
-"""Parts (a)-(f) of benchmarks/gpu.py, and the ResNet34 U-Net it compares our network against."""
+"""Parts (c)-(f) of benchmarks/gpu.py (the workflow: training step, memory estimate, predict,
+demo), and the ResNet34 U-Net it compares our network against. Each part is a generator of rows
+``(what, value, target, met)``; e and f import rasterio and the inference/demo packages
+themselves, so a machine without rasterio still runs c and d.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import os
-import statistics
 import time
 from pathlib import Path
 
 import numpy as np
-import rasterio
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-import cmdbnet.demo as demo
-from cmdbnet.checkpoint import save_checkpoint
-from cmdbnet.data.registry import POTSDAM
-from cmdbnet.inference.files import predict
 from cmdbnet.losses import CMDBLoss
-from cmdbnet.models import build_model, scan
+from cmdbnet.models import build_model
 from cmdbnet.profiling.budget import estimate, measure_cuda
 from cmdbnet.runtime import resolve_precision
 from cmdbnet.settings import IMAGENET_MEAN, IMAGENET_STD, PredictSettings, Settings, load_settings
 from cmdbnet.training.optim import build_optimizer
 from cmdbnet.training.step import run_step_group
-from predict import write_scene
+from gpu_scan import backend, median_seconds
 
 GiB = 2**30
-TOL, SCAN_SHARE, UNET_RATIO, VRAM_ERR = 1e-4, 0.15, 1.5, 0.15
-# --smoke: shapes the Triton interpreter runs in seconds, and a light network
-SMOKE_SCANS = [(1, 8, 37, 1), (1, 16, 16, 2), (1, 8, 4, 1), (1, 16, 1, 1)]
+SCAN_SHARE, UNET_RATIO, VRAM_ERR = 0.15, 1.5, 0.15
 LIGHT = {"pretrained": "off", "backbone": "resnet18", "mamba_dims": [32, 64, 128, 256], "mamba_depths": [1, 1, 1, 1],
          "fusion_channels": 64}
-
-
-@contextlib.contextmanager
-def backend(name: str):
-    os.environ[scan.BACKEND_ENV] = name
-    try:
-        yield
-    finally:
-        os.environ.pop(scan.BACKEND_ENV, None)
-
-
-def median_seconds(fn, reps: int, dev: torch.device, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` over ``reps`` runs after ``warmup``, synchronising CUDA."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        t = time.perf_counter()
-        fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-# ----------------------------------------------------------------------------- (a), (b) the scan
-def stage_shapes(batch: int, crop: int) -> list[tuple[int, int, int, int]]:
-    """(B, D, L, N) of the default network's scan calls per stage (4 directions x d_inner channels)."""
-    m = Settings().model
-    return [(batch, 4 * max(1, int(m.ssm_expand * dim)), (crop // 4 >> i) ** 2, m.d_state)
-            for i, dim in enumerate(m.mamba_dims)]
-
-
-def scan_inputs(b: int, d: int, l: int, n: int, seed: int = 0) -> dict[str, torch.Tensor]:  # noqa: E741
-    """Inputs as a freshly initialised block makes them: S4D-real A, dt in [1e-3, 0.1], 4 groups."""
-    g = torch.Generator().manual_seed(seed)
-    dt = torch.exp(torch.rand(d, generator=g) * (np.log(0.1) - np.log(1e-3)) + np.log(1e-3))
-    return {"u": torch.randn(b, d, l, generator=g), "delta": 0.1 * torch.randn(b, d, l, generator=g),
-            "A": -torch.arange(1, n + 1, dtype=torch.float32).repeat(d, 1),
-            "B": torch.randn(b, 4, n, l, generator=g), "C": torch.randn(b, 4, n, l, generator=g),
-            "D": torch.ones(d), "delta_bias": dt + torch.log(-torch.expm1(-dt))}
-
-
-def run_scan(name: str, inputs: dict, dev: torch.device) -> list[torch.Tensor]:
-    """Output and every input's gradient, on the CPU, from backend ``name`` on ``dev``."""
-    x = {k: v.to(dev).requires_grad_() for k, v in inputs.items()}
-    with backend(name):
-        out = scan.selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"],
-                                  delta_bias=x["delta_bias"], delta_softplus=True)
-        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dev)
-        grads = torch.autograd.grad((out * weights).sum(), list(x.values()))
-    return [t.detach().cpu() for t in (out, *grads)]
-
-
-def check_scans(table, dev, backends, smoke: bool) -> None:
-    shapes = SMOKE_SCANS if smoke else stage_shapes(4, 256)
-    worst = {b: (-1.0, None) for b in backends}
-    for shape in shapes:
-        inputs = scan_inputs(*shape)
-        ref = run_scan("torch", inputs, torch.device("cpu"))
-        for b in backends:
-            got = run_scan(b, inputs, dev)
-            err = max(float((o - r).abs().max() / r.abs().max().clamp(min=1e-30)) for o, r in zip(got, ref))
-            worst[b] = max(worst[b], (err, shape), key=lambda e: e[0])
-    for b, (err, shape) in worst.items():
-        table.add("a", f"`{b}` vs CPU chunked scan, worst over 4 stages (B, D, L, N = {shape})", f"{err:.1e}",
-                  f"<= {TOL:.0e}", err <= TOL)
-
-
-SCAN_PER_STEP: dict[str, float] = {}  # backend -> seconds of scan forward+backward in one training step
-
-
-def time_scans(table, dev, backends, smoke: bool) -> None:
-    shapes = SMOKE_SCANS if smoke else stage_shapes(4, 256)
-    depths = Settings().model.mamba_depths
-    for b in backends:
-        times = []
-        for shape in shapes:
-            x = {k: v.to(dev).requires_grad_() for k, v in scan_inputs(*shape).items()}
-
-            def step(x=x):
-                out = scan.selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"],
-                                          delta_bias=x["delta_bias"], delta_softplus=True)
-                out.sum().backward()
-
-            with backend(b):
-                times.append(median_seconds(step, 1 if smoke else 5, dev, warmup=0 if smoke else 2))
-        SCAN_PER_STEP[b] = sum(t * k for t, k in zip(times, depths))
-        table.add("b", f"`{b}` scan forward+backward, stages 1-4 (ms)",
-                  " / ".join(f"{1e3 * t:.2f}" for t in times) + f"; per training step {1e3 * SCAN_PER_STEP[b]:.1f}")
 
 
 # ----------------------------------------------------------------------------- (c) training step
@@ -189,7 +91,9 @@ def _release(dev: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def train_steps(table, dev, backends, smoke: bool) -> None:
+def train_steps(ctx):
+    """(c) one training step, ours per backend against a ResNet U-Net."""
+    dev, backends, smoke = ctx.dev, ctx.backends, ctx.smoke
     batch, crop = (2, 32) if smoke else (4, 256)
     s = Settings()
     t, model = s.train, s.model.model_copy(update=LIGHT if smoke else {"pretrained": "off"})
@@ -200,8 +104,8 @@ def train_steps(table, dev, backends, smoke: bool) -> None:
         unet = ResNet34UNet(encoder="resnet18" if smoke else "resnet34").to(dev).train()
         ce = lambda out, y: {"total": F.cross_entropy(out, y)}  # noqa: E731
         t_unet, m_unet = _step_time(unet, ce, torch.optim.AdamW(unet.parameters()), dev, dtype, batch, crop, smoke)
-        table.add("c", f"{'ResNet18' if smoke else 'ResNet34'} U-Net step, {dtype}",
-                  f"{1e3 * t_unet:.0f} ms, peak {m_unet / GiB:.2f} GiB")
+        yield (f"{'ResNet18' if smoke else 'ResNet34'} U-Net step, {dtype}",
+               f"{1e3 * t_unet:.0f} ms, peak {m_unet / GiB:.2f} GiB", "", None)
         del unet
         _release(dev)
         for b in backends:
@@ -209,12 +113,12 @@ def train_steps(table, dev, backends, smoke: bool) -> None:
             loss_fn = CMDBLoss(6, 255, t.aux_weight, t.boundary_weight, t.boundary_width, t.dice_weight).to(dev)
             with backend(b):
                 secs, mem = _step_time(net, loss_fn, build_optimizer(net, t), dev, dtype, batch, crop, smoke)
-            ratio, share = secs / t_unet, SCAN_PER_STEP.get(b, float("nan")) / secs
-            table.add("c", f"ours with `{b}`, {dtype}: step, peak; ours / U-Net",
-                      f"{1e3 * secs:.0f} ms, {mem / GiB:.2f} GiB; {ratio:.2f}",
-                      f"<= {UNET_RATIO}" if dtype == "fp16" else "", ratio <= UNET_RATIO if dtype == "fp16" else None)
-            table.add("c", f"scan share of that step (`{b}`, {dtype})", f"{share:.0%}", f"<= {SCAN_SHARE:.0%}",
-                      share <= SCAN_SHARE)
+            ratio, share = secs / t_unet, ctx.scan_per_step.get(b, float("nan")) / secs
+            yield (f"ours with `{b}`, {dtype}: step, peak; ours / U-Net",
+                   f"{1e3 * secs:.0f} ms, {mem / GiB:.2f} GiB; {ratio:.2f}",
+                   f"<= {UNET_RATIO}" if dtype == "fp16" else "", ratio <= UNET_RATIO if dtype == "fp16" else None)
+            yield (f"scan share of that step (`{b}`, {dtype})", f"{share:.0%}", f"<= {SCAN_SHARE:.0%}",
+                   share <= SCAN_SHARE)
             del net
             _release(dev)
 
@@ -225,7 +129,9 @@ RECIPES = {"default (batch 4, crop 256, fp16, accum 4)": ({"batch": 4, "accum": 
            "batch 2, crop 512, checkpointing, fp16": ({"batch": 2, "accum": 8, "amp": True}, 512, True)}
 
 
-def vram_estimates(table, dev, smoke: bool) -> None:
+def vram_estimates(ctx):
+    """(d) profile-vram's estimate against the measured peak."""
+    dev, smoke = ctx.dev, ctx.smoke
     recipes = ({"smoke (light network, batch 1, crop 64, fp32)": ({"batch": 1, "accum": 1, "amp": False}, 64, False)}
                if smoke else RECIPES)
     for name, (train, crop, ckpt) in recipes.items():
@@ -233,19 +139,22 @@ def vram_estimates(table, dev, smoke: bool) -> None:
         s = load_settings(None, {"data": {"crop": crop}, "model": model, "train": {**train, "amp_dtype": "fp16"}})
         est = estimate(s).peak
         if dev.type != "cuda":
-            table.add("d", f"profile-vram estimate, {name}", f"{est / GiB:.2f} GiB (no CUDA: not measured)")
+            yield f"profile-vram estimate, {name}", f"{est / GiB:.2f} GiB (no CUDA: not measured)", "", None
             continue
         meas = measure_cuda(s).peak
         err = (est - meas) / meas
-        table.add("d", f"profile-vram estimate vs measured peak, {name}",
-                  f"{est / GiB:.2f} vs {meas / GiB:.2f} GiB ({err:+.0%})", f"within {VRAM_ERR:.0%}",
-                  abs(err) <= VRAM_ERR)
+        yield (f"profile-vram estimate vs measured peak, {name}",
+               f"{est / GiB:.2f} vs {meas / GiB:.2f} GiB ({err:+.0%})", f"within {VRAM_ERR:.0%}", abs(err) <= VRAM_ERR)
 
 
 # ----------------------------------------------------------------------------- (e), (f)
 def _checkpoint(path: Path, scene_path: Path, smoke: bool) -> Path:
     """The default network (untrained) with batch-norm statistics of the scene, as training would
     leave them, so that its prediction follows the image rather than being one class everywhere."""
+    import rasterio
+
+    from cmdbnet.checkpoint import save_checkpoint
+    from cmdbnet.data.registry import POTSDAM
     torch.manual_seed(0)
     settings = Settings(model=Settings().model.model_copy(update=LIGHT if smoke else {"pretrained": "off"}))
     net = build_model(settings.model)
@@ -266,7 +175,14 @@ def _checkpoint(path: Path, scene_path: Path, smoke: bool) -> Path:
     return path
 
 
-def predict_throughput(table, dev, work: Path, smoke: bool) -> None:
+def predict_throughput(ctx):
+    """(e) cmdb predict on a generated GeoTIFF, tiled and as one window."""
+    import rasterio
+
+    from cmdbnet.inference.files import predict
+    from predict import write_scene
+
+    dev, work, smoke = ctx.dev, ctx.work, ctx.smoke
     size, tile = (128, 64) if smoke else (4096, 512)
     scene = work / f"scene_{size}.tif"
     write_scene(scene, size)
@@ -275,24 +191,27 @@ def predict_throughput(table, dev, work: Path, smoke: bool) -> None:
     tiled = PredictSettings(tile=tile, overlap=0.25, batch=2 if smoke else 8, device=dev.type, amp=cuda)
     whole = PredictSettings(tile=size, overlap=0.0, batch=1, device=dev.type, amp=cuda)
     s_tiled = predict([scene], work / "tiled", ckpt, tiled, progress=False)[0]
-    table.add("e", f"predict {size} x {size}, tile {tile}, overlap 0.25{', fp16' if cuda else ''}",
-              f"{s_tiled['mpx_per_s']:.2f} Mpx/s ({s_tiled['seconds']:.1f} s)")
+    yield (f"predict {size} x {size}, tile {tile}, overlap 0.25{', fp16' if cuda else ''}",
+           f"{s_tiled['mpx_per_s']:.2f} Mpx/s ({s_tiled['seconds']:.1f} s)", "", None)
     try:
         s_whole = predict([scene], work / "whole", ckpt, whole, progress=False)[0]
     except torch.OutOfMemoryError:
-        table.add("e", "whole image in one window", "does not fit this card")
+        yield "whole image in one window", "does not fit this card", "", None
         return
     masks = []
     for s in (s_tiled, s_whole):
         with rasterio.open(s["outputs"]["mask"]) as src:
             masks.append(src.read(1))
     agree = float(np.mean(masks[0] == masks[1]))
-    table.add("e", "whole image in one window; agreement with tiled (untrained network, same class per pixel)",
-              f"{s_whole['mpx_per_s']:.2f} Mpx/s; {agree:.2%}")
+    yield ("whole image in one window; agreement with tiled (untrained network, same class per pixel)",
+           f"{s_whole['mpx_per_s']:.2f} Mpx/s; {agree:.2%}", "", None)
 
 
-def demo_time(table, dev, work: Path, smoke: bool) -> None:
-    """``cmdb demo`` end to end; in smoke mode with a light network and two steps."""
+def demo_time(ctx):
+    """(f) ``cmdb demo`` end to end; in smoke mode with a light network and two steps."""
+    import cmdbnet.demo as demo
+
+    dev, work, smoke = ctx.dev, ctx.work, ctx.smoke
     original = demo.demo_settings
 
     def light(out, device, max_steps, minutes):
@@ -304,10 +223,10 @@ def demo_time(table, dev, work: Path, smoke: bool) -> None:
         demo.demo_settings = light
     t0 = time.perf_counter()
     try:
-        result = demo.run_demo(work / "demo", minutes=0.5 if smoke else 2.0, device=dev.type, progress=False,
+        result = demo.run_demo(work / "demo", minutes=0.5 if smoke else 1.0, device=dev.type, progress=False,
                                tiles=10, size=256 if smoke else 512, say=lambda msg: None)
     finally:
         demo.demo_settings = original
-    table.add("f", f"`cmdb demo --minutes {0.5 if smoke else 2}` wall time",
-              f"{time.perf_counter() - t0:.0f} s, {result['train']['steps']} steps, "
-              f"test mIoU {result['test']['mIoU']:.3f}")
+    yield (f"`cmdb demo --minutes {0.5 if smoke else 1}` wall time",
+           f"{time.perf_counter() - t0:.0f} s, {result['train']['steps']} steps, test mIoU {result['test']['mIoU']:.3f}",
+           "", None)

@@ -7,9 +7,12 @@ in a fresh process with the variable set before triton is imported, which the in
 from __future__ import annotations
 
 import sys
+import types
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from scan_reference import (
     BROKEN_KERNEL,
     check_against_reference,
@@ -20,7 +23,7 @@ from scan_reference import (
 )
 
 from cmdbnet.models import scan
-from cmdbnet.models.scan import dispatch, selective_scan
+from cmdbnet.models.scan import dispatch, selective_scan, triton_grid
 from cmdbnet.models.scan import triton as triton_scan
 
 if not triton_scan.interpreter_ready():
@@ -64,6 +67,42 @@ def test_strided_and_mixed_group_b_c():
     kw["C"] = proj[:, :, 3:5].requires_grad_()  # (B, 3, N, L), strided, as the model's slices
     assert not kw["C"].is_contiguous()
     check_against_reference(kw, True, "out+last", 8)
+
+
+@pytest.mark.parametrize(("has_z", "mode"), [(True, "out+last"), (False, "out")])
+def test_chunks_of_l_joined_by_carry_passes(monkeypatch, has_z, mode):
+    """The grid of a large card (L in chunks, each started from the carry of the others) at a
+    shape the interpreter runs: 3 chunks of one block, the last one partial; with the gate and
+    the last state's gradient, and with the network's flags."""
+    monkeypatch.setattr(triton_scan, "_sm_count", lambda device: 64)
+    monkeypatch.setattr(triton_grid, "MIN_CHUNK_BLOCKS", 1)
+    assert triton_grid.plan(1, 2, 2, 2, 70, 64).grid == (2, 1, 3)
+    kw = make_inputs(1, 4, 70, 2, "g2", D=True, z=has_z, bias=True, seed=20 + has_z)
+    with torch.no_grad():  # softplus(delta) about 0.02: decays near 1, so carries cross whole chunks
+        kw["delta"].sub_(4.0)
+    check_against_reference(kw, True, mode, 20 + has_z)
+
+
+def _probe(out_p, b, g, ch, dim, L, N, n_blocks, sb, sg):  # noqa: N803
+    one = tl.arange(0, 1)
+    rows, dn_rows = _rows(b, ch + one, dim, L, N, (N - 1) + one)  # noqa: F821 - the kernels' own helpers
+    tl.store(out_p + one, rows + (L - 1))
+    tl.store(out_p + 1 + one, tl.reshape(dn_rows * n_blocks + (n_blocks - 1), (1,)))
+    tl.store(out_p + 2 + one, _bc_base(b, g, sb, sg) + one)  # noqa: F821
+    tl.store(out_p + 3 + one, ((b * dim + ch + one) * N + N - 1) * n_blocks + n_blocks - 1)  # 32-bit, as before
+
+
+def test_offsets_past_2_31_are_exact():
+    """The last element's offsets at B=64, D=1024, L=2**20, d_state 16, G=4, from the helpers the
+    kernels use, with the sizes as the launcher passes them (32-bit integers)."""
+    b, d, l, n, g = 64, 1024, 2**20, 16, 4  # noqa: E741
+    n_blocks = l // triton_scan.BLOCK_L
+    probe = triton.jit(types.FunctionType(_probe.__code__, triton_scan.jitted(True), "_probe"))
+    out = torch.zeros(4, dtype=torch.int64)
+    probe[(1,)](out, b - 1, g - 1, d - 1, d, l, n, n_blocks, g * n * l, n * l)
+    assert out[0] == b * d * l - 1 and out[1] == b * d * n * n_blocks - 1 > 2**31
+    assert out[2] == (b - 1) * g * n * l + (g - 1) * n * l > 2**31
+    assert out[3] != b * d * n * n_blocks - 1  # the interpreter does wrap 32-bit products
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -2,7 +2,7 @@
 
 ``dispatch`` picks the backend per call; ``chunked`` is the torch scan and its backward (CPU);
 ``buffers`` how it runs on a small CPU; ``native`` the C scan for CPU (the default there, built
-at first use); ``triton`` our CUDA kernels (compiled at first use);
+at first use); ``triton`` our CUDA kernels (compiled at first use), ``triton_grid`` their grid;
 ``parallel`` the launch-light log-depth torch scan for CUDA without Triton; ``cost`` its
 multiply-adds.
 

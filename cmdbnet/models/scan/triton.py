@@ -1,21 +1,29 @@
 """The Triton selective scan: forward and backward kernels, compiled just in time at first use.
 
-One program per (batch, group, block of channels) walks L in blocks of ``BLOCK_L`` steps. Within
-a block the recurrence is a ``tl.associative_scan`` over (decay, input) pairs of a
-(channels, d_state, BLOCK_L) tile, and the state carried between blocks stays in registers.
-Chosen over a sequential loop over single steps because each block then loads its inputs as
-contiguous rows of L (a step-by-step loop reads one strided float per channel and step), and
-the interpreter (TRITON_INTERPRET=1, how the tests run it on CPU) runs a block in one numpy
-call instead of one call per step. The combine ``(a, x) o (a', x') = (a a', a' x + x')`` uses
-products of decays only, as the chunked scan does.
+One program per (batch, group, block of channels, chunk of L) walks its steps in blocks of
+``BLOCK_L``. Within a block the recurrence is a ``tl.associative_scan`` over (decay, input)
+pairs of a (channels, d_state, BLOCK_L) tile, and the state carried between blocks stays in
+registers. Chosen over a sequential loop over single steps because each block then loads its
+inputs as contiguous rows of L (a step-by-step loop reads one strided float per channel and
+step), and the interpreter (TRITON_INTERPRET=1, how the tests run it on CPU) runs a block in
+one numpy call instead of one call per step. The combine ``(a, x) o (a', x') = (a a', a' x + x')``
+uses products of decays only, as the chunked scan does. How many channels a program takes and
+whether L is cut into chunks (joined by a carry pass) is :mod:`triton_grid`'s choice.
 
 Forward stores the state before every block (the "chunk checkpoints"). Backward walks the
 blocks in reverse: it recomputes h_{t-1} of the block from its checkpoint with one more scan
 over inputs loaded one step back, runs the reverse-time scan of the state gradient
-``g_t = C_t gy_t + a_{t+1} g_{t+1}`` (decays loaded one step ahead) with the carry
-``a_{t0} g_{t0}`` handed to the previous block, and forms every gradient from those. Sums over
-channels (dB, dC) are written per channel block and over batch (dA, dD, d delta_bias) per batch
-row, and torch adds them up: no atomics, so a result does not depend on scheduling.
+``g_t = C_t gy_t + a_{t+1} g_{t+1}`` with the carry ``a_{t0} g_{t0}`` handed to the previous
+block, and forms every gradient from those. The reverse-time scan is a forward scan over a tile
+whose index runs backwards in time (inputs loaded at reversed steps, gy and the result reversed
+with ``tl.flip``, a bit-exact permutation): ``associative_scan(reverse=True)`` with a combine
+that is not commutative has compiled to wrong results upstream (triton-lang/triton#4362), and
+the interpreter cannot show it. Sums over channels (dB, dC) are written per channel block, over
+batch and chunks (dA, dD, d delta_bias) per program row, and torch adds them up: no atomics, so
+a result does not depend on scheduling.
+
+Offsets that grow with B*D*L or B*D*N*(L / BLOCK_L) are 64-bit (:func:`_rows`, :func:`_bc_base`);
+within one B/C row (N x L elements) they stay 32-bit.
 
 The kernels are built by :func:`kernels` at first use, not at import, so ``TRITON_INTERPRET``
 is read then (tests set it per test), and importing this module never needs a GPU.
@@ -24,28 +32,28 @@ is read then (tests set it per test), and importing this module never needs a GP
 from __future__ import annotations
 
 import functools
-import math
 import types
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from cmdbnet.models.scan.footprint import TRITON_BLOCK_L
 from cmdbnet.models.scan.parallel import parallel_backward
+from cmdbnet.models.scan.triton_grid import backward_launches, forward_launches
 
-__all__ = ["TritonScan", "interpreter_ready", "kernels"]
+__all__ = ["TritonScan", "backward_launches", "forward_launches", "interpreter_ready", "jitted", "kernels"]
 
-# Block sizes are first guesses, not tuned on a card yet (benchmarks/gpu.py part b times them):
-# BLOCK_L steps per scanned block; at most _TILE channels x d_state x BLOCK_L elements and
-# _MAX_BLOCK_D channels per program, so that a stage's few channels still fill several programs.
 BLOCK_L = TRITON_BLOCK_L
-_TILE = 2048
-_MAX_BLOCK_D = 16
 
 
 def _combine(a1, x1, a2, x2):
     return a1 * a2, a2 * x1 + x2
+
+
+def _mul(a, b):
+    return a * b
 
 
 def _softplus(x):
@@ -71,17 +79,34 @@ def _load_bc(ptr, base, sn, sl, offs_n, t, mask_n, mask_t):
                    mask=mask_n[:, None] & mask_t[None, :], other=0.0).to(tl.float32)
 
 
+def _rows(b, ch, dim, L, N, offs_n):  # noqa: N803
+    """64-bit offsets of channels ``ch`` of batch row ``b``: into (B, D, L) and into (B, D, N)."""
+    chan = b.to(tl.int64) * dim + ch
+    return chan * L, chan[:, None] * N + offs_n[None, :]
+
+
+def _bc_base(b, g, sb, sg):
+    """64-bit offset of (batch row ``b``, group ``g``) into B or C."""
+    return b.to(tl.int64) * sb + g.to(tl.int64) * sg
+
+
+def _chunk_rows(k, G, dim, N, dn_rows):  # noqa: N803
+    """Offsets into a (chunks, B, D, N) buffer at chunk ``k``."""
+    return (tl.num_programs(0) // G).to(tl.int64) * dim * N * k + dn_rows
+
+
 def _program(dim, dg, G, L, N, BLOCK_D: tl.constexpr, N_PAD: tl.constexpr):  # noqa: N803
-    """This program's (batch, group, channels and their mask, row offsets, d_state offsets and masks)."""
+    """This program's (batch, group, channels and their mask, row and state offsets, d_state
+    offsets and masks)."""
     pid_bg, pid_d = tl.program_id(0), tl.program_id(1)
     b, g = pid_bg // G, pid_bg % G
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < dg
     ch = g * dg + offs_d
-    rows = (b * dim + ch).to(tl.int64) * L  # B*D*L passes 2**31 on large rasters
     offs_n = tl.arange(0, N_PAD)
     mask_n = offs_n < N
-    return b, g, ch, mask_d, rows, offs_n, mask_n, mask_d[:, None] & mask_n[None, :]
+    rows, dn_rows = _rows(b, ch, dim, L, N, offs_n)
+    return b, g, ch, mask_d, rows, dn_rows, offs_n, mask_n, mask_d[:, None] & mask_n[None, :]
 
 
 def _params(A_p, bias_p, D_p, ch, offs_n, N, mask_d, mask_dn,  # noqa: N803
@@ -112,88 +137,127 @@ def _states_before(delta_p, u_p, B_p, bias, rows, A, Bbase, sBn, sBl, offs_n, ma
     return xcp + acp * h0[:, :, None]
 
 
-def _state_grads(delta_p, bias, rows, A, mask_d, t, end, cg, carry,  # noqa: N803
-                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):  # noqa: N803
-    """g_t = C_t gy_t + a_{t+1} g_{t+1} over the block (``cg`` = C_t gy_t); the carry from the
-    next block enters at the block's last step."""
-    tn = t + 1
+def _state_grads(delta_p, C_p, gout_p, bias, rows, A, Cbase, sCn, sCl, offs_n, mask_d, mask_n,  # noqa: N803
+                 gy, t0, end, L, carry, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,  # noqa: N803
+                 SOFTPLUS: tl.constexpr, BL: tl.constexpr):  # noqa: N803
+    """g_t = C_t gy_t + a_{t+1} g_{t+1} over the block, in time order; the carry from the next
+    block enters at its last step. Scanned forward over a tile whose index j holds step
+    t0 + BL - 1 - j: inputs loaded at those steps (gy, computed in time order, flipped)."""
+    tr = t0 + (BL - 1) - tl.arange(0, BL)
+    mr = tr < L
+    tn = tr + 1
     mn = tn < end
     _, dtn = _load_dt(delta_p, bias, rows, tn, mask_d[:, None] & mn[None, :], HAS_BIAS, SOFTPLUS)
     an = tl.where(mn[None, None, :], tl.exp(dtn[:, None, :] * A[:, :, None]), 1.0)
-    cg = cg + tl.where((t == end - 1)[None, None, :], carry[:, :, None], 0.0)
-    _, gh = tl.associative_scan((an, cg), 2, _combine, reverse=True)
-    return gh
+    if HAS_Z:
+        gyr = tl.flip(gy, 1)
+    else:  # gy is the output gradient itself
+        gyr = tl.load(gout_p + rows[:, None] + tr[None, :], mask=mask_d[:, None] & mr[None, :], other=0.0)
+    Cr = _load_bc(C_p, Cbase, sCn, sCl, offs_n, tr, mask_n, mr)  # noqa: N806
+    cg = gyr.to(tl.float32)[:, None, :] * Cr[None, :, :]
+    cg = cg + tl.where((tr == end - 1)[None, None, :], carry[:, :, None], 0.0)
+    _, ghr = tl.associative_scan((an, cg), 2, _combine)
+    return tl.flip(ghr, 2)
 
 
 def _gate_backward(gout_p, z_p, gz_p, rows, t, ok, h, Ct, uu, Dv,  # noqa: N803
-                   HAS_Z: tl.constexpr, HAS_D: tl.constexpr):  # noqa: N803
-    """The gradient reaching y through the silu(z) gate; stores dL/dz."""
+                   HAS_Z: tl.constexpr, HAS_D: tl.constexpr, LOCAL: tl.constexpr):  # noqa: N803
+    """The gradient reaching y through the silu(z) gate; stores dL/dz (but in the carry pass)."""
     go = tl.load(gout_p + rows[:, None] + t[None, :], mask=ok, other=0.0).to(tl.float32)
     gy = go
     if HAS_Z:
         zz = tl.load(z_p + rows[:, None] + t[None, :], mask=ok, other=0.0).to(tl.float32)
         sz = tl.sigmoid(zz)
         gy = go * zz * sz
-        y = tl.sum(h * Ct[None, :, :], 1)
-        if HAS_D:
-            y = y + uu * Dv[:, None]
-        tl.store(gz_p + rows[:, None] + t[None, :], go * y * sz * (1.0 + zz * (1.0 - sz)), mask=ok)
+        if not LOCAL:
+            y = tl.sum(h * Ct[None, :, :], 1)
+            if HAS_D:
+                y = y + uu * Dv[:, None]
+            tl.store(gz_p + rows[:, None] + t[None, :], go * y * sz * (1.0 + zz * (1.0 - sz)), mask=ok)
     return gy
 
 
-def _fwd(u_p, delta_p, A_p, B_p, C_p, D_p, z_p, bias_p, out_p, states_p, last_p,  # noqa: N803
-         dim, dg, G, L, N, n_blocks, sBb, sBg, sBn, sBl, sCb, sCg, sCn, sCl,  # noqa: N803
+def _fwd(u_p, delta_p, A_p, B_p, C_p, D_p, z_p, bias_p, out_p, states_p, last_p, hloc_p, prod_p,  # noqa: N803
+         dim, dg, G, L, N, n_blocks, chunk, n_chunks, sBb, sBg, sBn, sBl, sCb, sCg, sCn, sCl,  # noqa: N803
          HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-         BLOCK_D: tl.constexpr, N_PAD: tl.constexpr, BL: tl.constexpr):
-    b, g, ch, mask_d, rows, offs_n, mask_n, mask_dn = _program(dim, dg, G, L, N, BLOCK_D, N_PAD)
+         LOCAL: tl.constexpr, BLOCK_D: tl.constexpr, N_PAD: tl.constexpr, BL: tl.constexpr):
+    """Chunk k = program_id(2). LOCAL: its scan from a zero state, keeping the end state and the
+    product of decays; else: from the carry of the chunks before, storing everything."""
+    b, g, ch, mask_d, rows, dn_rows, offs_n, mask_n, mask_dn = _program(dim, dg, G, L, N, BLOCK_D, N_PAD)
     A, bias, Dv = _params(A_p, bias_p, D_p, ch, offs_n, N, mask_d, mask_dn, HAS_BIAS, HAS_D)
-    st_rows = ((b * dim + ch)[:, None] * N + offs_n[None, :]) * n_blocks
+    Bbase, Cbase = _bc_base(b, g, sBb, sBg), _bc_base(b, g, sCb, sCg)  # noqa: N806
+    k = tl.program_id(2)
     h = tl.zeros((BLOCK_D, N_PAD), dtype=tl.float32)
-    for c in range(0, n_blocks):
-        tl.store(states_p + st_rows + c, h, mask=mask_dn)
+    prod = tl.full((BLOCK_D, N_PAD), 1.0, tl.float32)
+    if not LOCAL:
+        for j in range(0, k):
+            r = _chunk_rows(j, G, dim, N, dn_rows)
+            h = tl.load(prod_p + r, mask=mask_dn, other=0.0) * h + tl.load(hloc_p + r, mask=mask_dn, other=0.0)
+    last_col = (tl.arange(0, BL) == BL - 1)[None, None, :]
+    for c in range(k * chunk, tl.minimum(k * chunk + chunk, n_blocks)):
+        if not LOCAL:
+            tl.store(states_p + dn_rows * n_blocks + c, h, mask=mask_dn)
         t = c * BL + tl.arange(0, BL)
         mask_t = t < L
         ok = mask_d[:, None] & mask_t[None, :]
         _, dt = _load_dt(delta_p, bias, rows, t, ok, HAS_BIAS, SOFTPLUS)
         uu = tl.load(u_p + rows[:, None] + t[None, :], mask=ok, other=0.0).to(tl.float32)
-        Bt = _load_bc(B_p, b * sBb + g * sBg, sBn, sBl, offs_n, t, mask_n, mask_t)
-        Ct = _load_bc(C_p, b * sCb + g * sCg, sCn, sCl, offs_n, t, mask_n, mask_t)
-        a = tl.exp(dt[:, None, :] * A[:, :, None])
-        a = tl.where(mask_t[None, None, :], a, 1.0)  # steps past L: the identity
+        Bt = _load_bc(B_p, Bbase, sBn, sBl, offs_n, t, mask_n, mask_t)  # noqa: N806
+        a = tl.where(mask_t[None, None, :], tl.exp(dt[:, None, :] * A[:, :, None]), 1.0)  # past L: identity
         x = (dt * uu)[:, None, :] * Bt[None, :, :]
         ac, xc = tl.associative_scan((a, x), 2, _combine)
         hs = xc + ac * h[:, :, None]
-        y = tl.sum(hs * Ct[None, :, :], 1)
-        if HAS_D:
-            y = y + uu * Dv[:, None]
-        if HAS_Z:
-            zz = tl.load(z_p + rows[:, None] + t[None, :], mask=ok, other=0.0).to(tl.float32)
-            y = y * zz * tl.sigmoid(zz)
-        tl.store(out_p + rows[:, None] + t[None, :], y, mask=ok)
+        if LOCAL:
+            prod = prod * tl.sum(tl.where(last_col, ac, 0.0), 2)
+        else:
+            Ct = _load_bc(C_p, Cbase, sCn, sCl, offs_n, t, mask_n, mask_t)  # noqa: N806
+            y = tl.sum(hs * Ct[None, :, :], 1)
+            if HAS_D:
+                y = y + uu * Dv[:, None]
+            if HAS_Z:
+                zz = tl.load(z_p + rows[:, None] + t[None, :], mask=ok, other=0.0).to(tl.float32)
+                y = y * zz * tl.sigmoid(zz)
+            tl.store(out_p + rows[:, None] + t[None, :], y, mask=ok)
         # masked steps are identities, so the block's last column is the state after its last step
-        h = tl.sum(tl.where((tl.arange(0, BL) == BL - 1)[None, None, :], hs, 0.0), 2)
-    tl.store(last_p + (b * dim + ch)[:, None] * N + offs_n[None, :], h, mask=mask_dn)
+        h = tl.sum(tl.where(last_col, hs, 0.0), 2)
+    if LOCAL:
+        r = _chunk_rows(k, G, dim, N, dn_rows)
+        tl.store(hloc_p + r, h, mask=mask_dn)
+        tl.store(prod_p + r, prod, mask=mask_dn)
+    else:
+        tl.store(last_p + dn_rows, h, mask=mask_dn & (k == n_chunks - 1))
 
 
-def _bwd(u_p, delta_p, A_p, B_p, C_p, D_p, z_p, bias_p, states_p, gout_p, glast_p,  # noqa: N803
+def _bwd(u_p, delta_p, A_p, B_p, C_p, D_p, z_p, bias_p, states_p, gout_p, glast_p, gcar_p, prod_p,  # noqa: N803
          gu_p, gdelta_p, gz_p, gB_p, gC_p, gA_p, gD_p, gbias_p,  # noqa: N803
-         dim, dg, G, L, N, n_blocks, n_dblk, sBb, sBg, sBn, sBl, sCb, sCg, sCn, sCl,  # noqa: N803
+         dim, dg, G, L, N, n_blocks, n_dblk, chunk, n_chunks, c_first,  # noqa: N803
+         sBb, sBg, sBn, sBl, sCb, sCg, sCn, sCl,  # noqa: N803
          HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-         HAS_GLAST: tl.constexpr, BLOCK_D: tl.constexpr, N_PAD: tl.constexpr, BL: tl.constexpr):
-    b, g, ch, mask_d, rows, offs_n, mask_n, mask_dn = _program(dim, dg, G, L, N, BLOCK_D, N_PAD)
-    dn_rows = (b * dim + ch)[:, None] * N + offs_n[None, :]
+         HAS_GLAST: tl.constexpr, LOCAL: tl.constexpr, BLOCK_D: tl.constexpr, N_PAD: tl.constexpr,
+         BL: tl.constexpr):
+    """Chunk k = program_id(2) + c_first, its blocks in reverse. LOCAL: from a zero gradient,
+    keeping the carry it hands back and its product of decays; else: from the carry folded over
+    the chunks after it, storing every gradient."""
+    b, g, ch, mask_d, rows, dn_rows, offs_n, mask_n, mask_dn = _program(dim, dg, G, L, N, BLOCK_D, N_PAD)
     A, bias, Dv = _params(A_p, bias_p, D_p, ch, offs_n, N, mask_d, mask_dn, HAS_BIAS, HAS_D)
-    Bbase, Cbase = b * sBb + g * sBg, b * sCb + g * sCg  # noqa: N806
+    Bbase, Cbase = _bc_base(b, g, sBb, sBg), _bc_base(b, g, sCb, sCg)  # noqa: N806
+    k = tl.program_id(2) + c_first
     # sums of the (channel block) programs: per (b, g, block, n, t) for dB, dC
     bc_rows = ((tl.program_id(0) * n_dblk + tl.program_id(1)) * N + offs_n[:, None]).to(tl.int64) * L
     carry = tl.zeros((BLOCK_D, N_PAD), dtype=tl.float32)
-    if HAS_GLAST:
-        carry = tl.load(glast_p + dn_rows, mask=mask_dn, other=0.0).to(tl.float32)
+    prod = tl.full((BLOCK_D, N_PAD), 1.0, tl.float32)
+    if not LOCAL:
+        if HAS_GLAST:
+            carry = tl.load(glast_p + dn_rows, mask=mask_dn, other=0.0).to(tl.float32)
+        for i in range(0, n_chunks - 1 - k):
+            r = _chunk_rows(n_chunks - 1 - i, G, dim, N, dn_rows)
+            carry = tl.load(gcar_p + r, mask=mask_dn, other=0.0) + tl.load(prod_p + r, mask=mask_dn, other=0.0) * carry
     gA = tl.zeros((BLOCK_D, N_PAD), dtype=tl.float32)  # noqa: N806
     gD, gbias = tl.zeros((BLOCK_D,), dtype=tl.float32), tl.zeros((BLOCK_D,), dtype=tl.float32)  # noqa: N806
     idx = tl.arange(0, BL)
-    for i in range(0, n_blocks):
-        c = n_blocks - 1 - i
+    hi = tl.minimum(k * chunk + chunk, n_blocks)
+    for i in range(0, hi - k * chunk):
+        c = hi - 1 - i
         t0 = c * BL
         t = t0 + idx
         end = tl.minimum(t0 + BL, L)
@@ -201,8 +265,8 @@ def _bwd(u_p, delta_p, A_p, B_p, C_p, D_p, z_p, bias_p, states_p, gout_p, glast_
         ok = mask_d[:, None] & mask_t[None, :]
         pre, dt = _load_dt(delta_p, bias, rows, t, ok, HAS_BIAS, SOFTPLUS)
         uu = tl.load(u_p + rows[:, None] + t[None, :], mask=ok, other=0.0).to(tl.float32)
-        Bt = _load_bc(B_p, Bbase, sBn, sBl, offs_n, t, mask_n, mask_t)
-        Ct = _load_bc(C_p, Cbase, sCn, sCl, offs_n, t, mask_n, mask_t)
+        Bt = _load_bc(B_p, Bbase, sBn, sBl, offs_n, t, mask_n, mask_t)  # noqa: N806
+        Ct = _load_bc(C_p, Cbase, sCn, sCl, offs_n, t, mask_n, mask_t)  # noqa: N806
         a = tl.where(mask_t[None, None, :], tl.exp(dt[:, None, :] * A[:, :, None]), 1.0)
         du = dt * uu
         x = du[:, None, :] * Bt[None, :, :]
@@ -211,51 +275,78 @@ def _bwd(u_p, delta_p, A_p, B_p, C_p, D_p, z_p, bias_p, states_p, gout_p, glast_
         hprev = _states_before(delta_p, u_p, B_p, bias, rows, A, Bbase, sBn, sBl, offs_n, mask_d, mask_n,
                                t, t0, L, h0, HAS_BIAS, SOFTPLUS)
         h = a * hprev + x
-        # the gradient reaching y, through the silu(z) gate
-        gy = _gate_backward(gout_p, z_p, gz_p, rows, t, ok, h, Ct, uu, Dv, HAS_Z, HAS_D)
-        # g_t = C_t gy_t + a_{t+1} g_{t+1}; the carry from the next block enters at the last step
-        cg = gy[:, None, :] * Ct[None, :, :]
-        gh = _state_grads(delta_p, bias, rows, A, mask_d, t, end, cg, carry, HAS_BIAS, SOFTPLUS)
+        gy = _gate_backward(gout_p, z_p, gz_p, rows, t, ok, h, Ct, uu, Dv, HAS_Z, HAS_D, LOCAL)
+        gh = _state_grads(delta_p, C_p, gout_p, bias, rows, A, Cbase, sCn, sCl, offs_n, mask_d, mask_n,
+                          gy, t0, end, L, carry, HAS_Z, HAS_BIAS, SOFTPLUS, BL)
         carry = tl.sum(tl.where((idx == 0)[None, None, :], a * gh, 0.0), 2)
-        tl.store(gC_p + bc_rows + t[None, :], tl.sum(gy[:, None, :] * h, 0), mask=mask_n[:, None] & mask_t[None, :])
-        tl.store(gB_p + bc_rows + t[None, :], tl.sum(gh * du[:, None, :], 0), mask=mask_n[:, None] & mask_t[None, :])
-        gdu = tl.sum(gh * Bt[None, :, :], 1)
-        s = gh * a * hprev  # dL/d(delta_t A)
-        gA += tl.sum(s * dt[:, None, :], 2)
-        gdt = gdu * uu + tl.sum(s * A[:, :, None], 1)
-        gu = gdu * dt
-        if HAS_D:
-            gu = gu + gy * Dv[:, None]
-            gD += tl.sum(gy * uu, 1)
-        if SOFTPLUS:
-            gdt = gdt * tl.sigmoid(pre)
-        gbias += tl.sum(gdt, 1)
-        tl.store(gu_p + rows[:, None] + t[None, :], gu, mask=ok)
-        tl.store(gdelta_p + rows[:, None] + t[None, :], gdt, mask=ok)
-    tl.store(gA_p + dn_rows, gA, mask=mask_dn)
-    tl.store(gD_p + b * dim + ch, gD, mask=mask_d)
-    tl.store(gbias_p + b * dim + ch, gbias, mask=mask_d)
+        if LOCAL:
+            prod = prod * tl.reduce(a, 2, _mul)
+        else:
+            mask_nt = mask_n[:, None] & mask_t[None, :]
+            tl.store(gC_p + bc_rows + t[None, :], tl.sum(gy[:, None, :] * h, 0), mask=mask_nt)
+            tl.store(gB_p + bc_rows + t[None, :], tl.sum(gh * du[:, None, :], 0), mask=mask_nt)
+            gdu = tl.sum(gh * Bt[None, :, :], 1)
+            s = gh * a * hprev  # dL/d(delta_t A)
+            gA += tl.sum(s * dt[:, None, :], 2)
+            gdt = gdu * uu + tl.sum(s * A[:, :, None], 1)
+            gu = gdu * dt
+            if HAS_D:
+                gu = gu + gy * Dv[:, None]
+                gD += tl.sum(gy * uu, 1)
+            if SOFTPLUS:
+                gdt = gdt * tl.sigmoid(pre)
+            gbias += tl.sum(gdt, 1)
+            tl.store(gu_p + rows[:, None] + t[None, :], gu, mask=ok)
+            tl.store(gdelta_p + rows[:, None] + t[None, :], gdt, mask=ok)
+    r = _chunk_rows(k, G, dim, N, dn_rows)
+    if LOCAL:
+        tl.store(gcar_p + r, carry, mask=mask_dn)
+        tl.store(prod_p + r, prod, mask=mask_dn)
+    else:  # per (chunk, batch row): torch sums them
+        tl.store(gA_p + r, gA, mask=mask_dn)
+        rd = ((k * (tl.num_programs(0) // G) + b).to(tl.int64) * dim + ch)
+        tl.store(gD_p + rd, gD, mask=mask_d)
+        tl.store(gbias_p + rd, gbias, mask=mask_d)
+
+
+def _loop_bound(x) -> int:
+    data = getattr(getattr(x, "handle", None), "data", None)
+    return int(np.asarray(data).reshape(-1)[0]) if data is not None else int(getattr(x, "value", x))
+
+
+def _interpreted_range(*bounds):
+    """``range`` for the interpreted kernels: Triton 3.6's interpreter hands scalars over as
+    1-element arrays, whose ``int()`` numpy >= 2.3 refuses (3.8 squeezes them itself)."""
+    return range(*(_loop_bound(x) for x in bounds))
 
 
 @functools.cache
-def kernels(interpret: bool) -> tuple:
-    """(forward, backward) kernels, jitted once per value of TRITON_INTERPRET.
+def jitted(interpret: bool) -> dict:
+    """The module's namespace with every kernel and helper jitted, once per value of
+    TRITON_INTERPRET (triton.jit reads the flag itself).
 
     The helpers are jitted first and the kernels see them through their own globals, so one
     module serves both the compiler and the interpreter.
     """
-    del interpret  # the cache key: triton.jit reads the flag itself
     scope = dict(globals())
+    if interpret:
+        scope["range"] = _interpreted_range
 
     def jit(f):
         copy = types.FunctionType(f.__code__, scope, f.__name__)
         copy.__annotations__ = dict(f.__annotations__)
         return triton.jit(copy)
 
-    for f in (_combine, _softplus, _load_dt, _load_bc, _program, _params, _states_before, _state_grads,
-              _gate_backward):
+    for f in (_combine, _mul, _softplus, _load_dt, _load_bc, _rows, _bc_base, _chunk_rows, _program, _params,
+              _states_before, _state_grads, _gate_backward, _fwd, _bwd):
         scope[f.__name__] = jit(f)
-    return jit(_fwd), jit(_bwd)
+    return scope
+
+
+def kernels(interpret: bool) -> tuple:
+    """(forward, backward) kernels for this value of TRITON_INTERPRET."""
+    scope = jitted(bool(interpret))
+    return scope["_fwd"], scope["_bwd"]
 
 
 def interpreter_ready() -> bool:
@@ -264,15 +355,14 @@ def interpreter_ready() -> bool:
     return bool(triton.knobs.runtime.interpret) and not isinstance(tl.zeros, triton.runtime.jit.JITFunction)
 
 
-def _plan(dg: int, n: int) -> tuple[int, int]:
-    """(BLOCK_D, N_PAD): powers of 2, d_state padded, the tile kept near _TILE elements."""
-    n_pad = triton.next_power_of_2(n)
-    block_d = min(triton.next_power_of_2(dg), _MAX_BLOCK_D, max(1, _TILE // (n_pad * BLOCK_L)))
-    return block_d, n_pad
+def _sm_count(device: torch.device) -> int:
+    """Multiprocessors of the card; 0 off CUDA (the interpreter): 16-channel programs, no chunks."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
 
 
-def _bc_strides(t: torch.Tensor) -> tuple[int, ...]:
-    return tuple(t.stride())
+def _launch(kernel, launches) -> None:
+    for grid, args, kw in launches:
+        kernel[grid](*args, **kw)
 
 
 class TritonScan(torch.autograd.Function):
@@ -288,22 +378,11 @@ class TritonScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):  # noqa: N803
-        b, d, l = u.shape  # noqa: E741
-        g, n = B.shape[1], A.shape[1]
         u, delta, A = u.contiguous(), delta.contiguous(), A.contiguous()
         D, z, delta_bias = (None if t is None else t.contiguous() for t in (D, z, delta_bias))
-        block_d, n_pad = _plan(d // g, n)
-        n_blocks = math.ceil(l / BLOCK_L)
-        out = u.new_empty((b, d, l))
-        states = u.new_empty((b, d, n, n_blocks))
-        last = u.new_empty((b, d, n))
-        grid = (b * g, triton.cdiv(d // g, block_d))
-        kernels(triton.knobs.runtime.interpret)[0][grid](
-            u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
-            delta_bias if delta_bias is not None else u, out, states, last,
-            d, d // g, g, l, n, n_blocks, *_bc_strides(B), *_bc_strides(C),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=bool(delta_softplus), BLOCK_D=block_d, N_PAD=n_pad, BL=BLOCK_L)
+        out, last, states, launches = forward_launches(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                                       _sm_count(u.device))
+        _launch(kernels(triton.knobs.runtime.interpret)[0], launches)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
         ctx.delta_softplus = bool(delta_softplus)
         ctx.set_materialize_grads(False)
@@ -314,34 +393,15 @@ class TritonScan(torch.autograd.Function):
     def backward(ctx, gout, glast):
         u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
         gout = torch.zeros_like(u) if gout is None else gout.contiguous()
+        glast = None if glast is None else glast.contiguous()
         try:
-            return _backward(u, delta, A, B, C, D, z, delta_bias, states, ctx.delta_softplus, gout, glast)
+            launches, finish = backward_launches(u, delta, A, B, C, D, z, delta_bias, states, ctx.delta_softplus,
+                                                 gout, glast, _sm_count(u.device))
+            _launch(kernels(triton.knobs.runtime.interpret)[1], launches)
+            return finish()
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:  # noqa: BLE001 - any compile or launch error; on_failure decides
             if not TritonScan.on_failure(exc):
                 raise
             return parallel_backward(ctx.saved_tensors, ctx.delta_softplus, ctx.needs_input_grad, gout, glast)
-
-
-def _backward(u, delta, A, B, C, D, z, delta_bias, states, softplus, gout, glast):  # noqa: N803
-    b, d, l = u.shape  # noqa: E741
-    g, n = B.shape[1], A.shape[1]
-    block_d, n_pad = _plan(d // g, n)
-    n_dblk = triton.cdiv(d // g, block_d)
-    gu, gdelta = torch.empty_like(u), torch.empty_like(u)
-    gz = torch.empty_like(u) if z is not None else None
-    gB, gC = (u.new_empty((b, g, n_dblk, n, l)) for _ in range(2))  # noqa: N806
-    gA, gD, gbias = u.new_empty((b, d, n)), u.new_empty((b, d)), u.new_empty((b, d))  # noqa: N806
-    kernels(triton.knobs.runtime.interpret)[1][(b * g, n_dblk)](
-        u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
-        delta_bias if delta_bias is not None else u, states, gout,
-        glast.contiguous() if glast is not None else u, gu, gdelta, gz if gz is not None else u,
-        gB, gC, gA, gD, gbias, d, d // g, g, l, n, states.shape[-1], n_dblk,
-        *_bc_strides(B), *_bc_strides(C),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=softplus, HAS_GLAST=glast is not None,
-        BLOCK_D=block_d, N_PAD=n_pad, BL=BLOCK_L)
-    gB, gC = (t[:, :, 0] if n_dblk == 1 else t.sum(2) for t in (gB, gC))  # noqa: N806
-    return (gu, gdelta, gA.sum(0), gB, gC, gD.sum(0) if D is not None else None, gz,
-            gbias.sum(0) if delta_bias is not None else None, None)
