@@ -32,6 +32,11 @@ def prepare_command(
     bands: Optional[str] = typer.Option(None, "--bands", help="rgb, irrg or rgbir (default per dataset), or band "
                                         "numbers in the order wanted, e.g. 4,3,2."),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Tiles cut in parallel processes (0 = here)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="With --init: folder of your images."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="With --init: folder of label rasters, or a "
+                                          "vector file (GeoPackage, Shapefile, GeoJSON, FlatGeobuf)."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Write a starter dataset YAML here from a look at "
+                                        "--images and --labels (cmdb prepare custom ... --init d.yaml), then stop."),
     config: Optional[Path] = ConfigOption,
     as_json: bool = JsonFlag,
 ) -> None:
@@ -54,8 +59,23 @@ def prepare_command(
       cmdb prepare loveda -r data/LoveDA -o prep/loveda --crop 512 -w 8 --json
 
       cmdb prepare my-data.yaml --out prepared/mine --bands 4,3,2
+
+      cmdb prepare custom --images scenes/ --labels roofs.gpkg --init my-data.yaml
     """
     from cmdbnet.data.preparation import PrepareWarning, prepare
+
+    if init is not None or images is not None or labels is not None:
+        if init is None or images is None or labels is None or dataset not in (None, "custom"):
+            raise CmdbError("a starter dataset YAML needs all of: cmdb prepare custom --images DIR --labels DIR|FILE "
+                            "--init dataset.yaml")
+        from cmdbnet.data.starter import write_starter
+
+        found = write_starter(images, labels, init)
+        if as_json:
+            print_json(found)
+        else:
+            console.print(f"wrote {init}: check its class names, then run: cmdb prepare {init} --out PREPARED")
+        return
 
     settings = settings_from(config, data={"dataset": dataset, "root": root, "prepared": out, "crop": crop,
                                            "stride": stride, "eroded": eroded, "bands": bands, "workers": workers})

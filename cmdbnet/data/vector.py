@@ -14,6 +14,7 @@ Needs the ``gis`` extra (pyogrio, shapely).
 from __future__ import annotations
 
 import importlib.util
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,6 +91,32 @@ def read_layer(v: VectorLabels, classes: tuple[str, ...]) -> Layer:
     crs = meta.get("crs")
     idx = np.array([v.values[x] for x in values[~empty]], np.int64)
     return Layer(path, crs, geoms[~empty], idx, notes)
+
+
+def read_layer_fields(path: Path, layer: str | None = None, most: int = 64) -> tuple[str, dict, list[str]]:
+    """``(class field, {value: features}, every field)`` of a layer: the text field (else any field)
+    with the fewest distinct values, for a starter dataset YAML."""
+    require_gis()
+    import pyogrio
+
+    try:
+        info = pyogrio.read_info(str(path), layer=layer)
+        fields = [str(f) for f in info["fields"]]
+        _, _, _, data = pyogrio.raw.read(str(path), layer=layer, read_geometry=False, columns=fields)
+    except Exception as exc:  # pyogrio's errors carry GDAL's words
+        raise CmdbError(f"cannot read vector labels {path}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+    if not fields or info["features"] == 0:
+        raise CmdbError(f"{path}: the layer has no " + ("fields" if not fields else "features"))
+    best = None
+    for name, values, dtype in zip(fields, data, info["dtypes"]):
+        counts = Counter(_text(x) for x in values if x is not None)
+        key = (str(dtype) != "object", len(counts))  # text fields first, then the fewest values
+        if 0 < len(counts) <= most and (best is None or key < best[0]):
+            best = (key, name, counts)
+    if best is None:
+        raise CmdbError(f"{path}: no field with 1 to {most} distinct values to take classes from "
+                        f"(fields: {', '.join(fields)})")
+    return best[1], dict(sorted(best[2].items())), fields
 
 
 def _text(x) -> str:

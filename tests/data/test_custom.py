@@ -201,3 +201,35 @@ def test_invalid_geometry_is_repaired(tmp_path):
     px = m["class_pixels"]["train"]
     assert px["building"] > 400 and px["background"] == 0 and px["ignored"] == 64 * 64 - px["building"]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["dataset_spec"]["vector"]["outside"] == "ignore"
+
+
+def test_starter_yaml_from_a_look_at_the_data(tmp_path):
+    pytest.importorskip("pyogrio")
+    yml, truths = index_dataset(tmp_path / "raw", n=2, size=64)
+    root = tmp_path / "raw"
+    cli = CliRunner()
+    r = cli.invoke(app, ["prepare", "custom", "--images", str(root / "images"), "--labels", str(root / "labels"),
+                         "--init", str(root / "index.yaml"), "--json"])
+    assert r.exit_code == 0, r.output
+    found = json.loads(r.stdout)
+    assert found["kind"] == "index" and found["pixels"]["0"] == 2 * 64 * 4  # the unlabelled margins
+    assert sum(found["pixels"].values()) == 2 * 64 * 64
+    spec = read_dataset_yaml(root / "index.yaml")
+    assert spec.label_values == (0, 10, 20, 30) and spec.bands[0].band_names == ("band1", "band2", "band3")
+    # a layer whose text field names the classes: the starter works as written
+    for i, t in enumerate(truths):
+        polygonise(np.where(t == 255, 0, t), transform((500_000.0 + 1000 * i, 5_800_000.0)), CRS, CRS,
+                   root / f"p{i}.gpkg")
+    import pyogrio
+
+    for i in range(2):
+        pyogrio.raw.write(str(root / "all.gpkg"), *_read(root / f"p{i}.gpkg"), layer="labels", append=i > 0,
+                          geometry_type="Polygon", crs=CRS)
+    r = cli.invoke(app, ["prepare", "custom", "--images", str(root / "images"), "--labels", str(root / "all.gpkg"),
+                         "--init", str(root / "vector.yaml")])
+    assert r.exit_code == 0, r.output
+    m = prepare(root / "vector.yaml", None, tmp_path / "out", crop=64, progress=False)
+    assert m["classes"] == NAMES and set(m["splits"]) == {"train", "val"}
+    r = cli.invoke(app, ["prepare", "custom", "--images", str(root / "images"), "--labels", str(root / "all.gpkg"),
+                         "--init", str(root / "vector.yaml")])
+    assert r.exit_code == 2 and "vector.yaml exists" in r.output
