@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import rasterio.features
 import rasterio.warp
 import yaml
 from affine import Affine
+from rasterio.errors import NotGeoreferencedWarning
 
 CRS = "EPSG:32633"
 COLOURS = [(0, 0, 0), (255, 0, 0), (0, 0, 255)]
@@ -47,9 +49,11 @@ def write_raster(path: Path, array: np.ndarray, crs: str | None = CRS, tf: Affin
     path.parent.mkdir(parents=True, exist_ok=True)
     array = array if array.ndim == 3 else array[None]
     geo = {"crs": crs, "transform": tf or transform()} if crs else {}
-    with rasterio.open(path, "w", driver="GTiff", height=array.shape[1], width=array.shape[2], count=array.shape[0],
-                       dtype=array.dtype, **geo, **kw) as dst:
-        dst.write(array)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(path, "w", driver="GTiff", height=array.shape[1], width=array.shape[2],
+                           count=array.shape[0], dtype=array.dtype, **geo, **kw) as dst:
+            dst.write(array)
     return path
 
 

@@ -177,7 +177,12 @@ def test_image_without_label_and_vector_errors(tmp_path):
     doc["vector"]["field"] = "klass"
     with pytest.raises(CmdbError, match="far.gpkg: class field 'klass' missing; the layer's fields: kind"):
         prepare(write_yaml(root / "v.yaml", doc), None, tmp_path / "o3", crop=64, progress=False)
-    assert not any((tmp_path / o / "manifest.json").exists() for o in ("out", "o2", "o3"))
+    # an image without a CRS cannot receive polygons that have one
+    write_raster(root / "plain" / "p.tif", image(t, 3, "uint8", 0), crs=None)
+    doc.update(images="plain", vector={"field": "kind"})
+    with pytest.raises(CmdbError, match="p.tif: cannot place the polygons of .*far.gpkg: the image has no CRS"):
+        prepare(write_yaml(root / "v.yaml", doc), None, tmp_path / "o4", crop=64, progress=False)
+    assert not any((tmp_path / o / "manifest.json").exists() for o in ("out", "o2", "o3", "o4"))
 
 
 def test_invalid_geometry_is_repaired(tmp_path):
