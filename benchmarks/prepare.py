@@ -57,10 +57,12 @@ def make_tile(root: Path, size: int, seed: int = 0) -> int:
     return size * size * band.count
 
 
-def run_prepare(root: Path, out: Path, crop: int, workers: int) -> tuple[float, float, int, dict]:
-    """Wall seconds, CPU seconds, peak RSS and manifest of one ``cmdb prepare`` child process."""
-    cmd = [sys.executable, "-m", "cmdbnet", "prepare", "potsdam", "--root", str(root), "--out", str(out),
-           "--crop", str(crop), "--workers", str(workers), "--json"]
+def run_prepare(root: Path | None, out: Path, crop: int, workers: int,
+                dataset: str = "potsdam") -> tuple[float, float, int, dict]:
+    """Wall seconds, CPU seconds, peak RSS and manifest of one ``cmdb prepare`` child process
+    (``dataset`` a dataset YAML: ``root`` None)."""
+    cmd = [sys.executable, "-m", "cmdbnet", "prepare", dataset, *(["--root", str(root)] if root else []),
+           "--out", str(out), "--crop", str(crop), "--workers", str(workers), "--json"]
     start = time.perf_counter()
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc, tree_peak = psutil.Process(child.pid), 0

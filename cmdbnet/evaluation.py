@@ -146,6 +146,10 @@ def evaluate(checkpoint: str | Path, prepared: str | Path, split: str = "val", t
                              "recall": v["recall"], "boundary_iou": v["boundary_iou"]}
                       for name, v in m["per_class"].items()},
     }
+    if len(info["classes"]) == 2:  # binary: the score that matters is the positive class's, not the mean
+        background = (info.get("dataset_spec") or {}).get("background") or info["classes"][0]
+        positive = next(c for c in info["classes"] if c != background)
+        result["positive_class"] = {"class": positive, **{k: result["per_class"][positive][k] for k in ("iou", "f1")}}
     if json_out:
         write_text_atomic(json_out, json.dumps(result, indent=2, default=_json_float) + "\n")
     return result

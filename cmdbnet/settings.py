@@ -42,12 +42,14 @@ def default_workers() -> int:
 class DataSettings(_Section):
     """Where the data is and how crops are cut and augmented."""
 
-    dataset: Literal["potsdam", "vaihingen", "loveda"] = "potsdam"
+    dataset: str = Field("potsdam", pattern=r"^(potsdam|vaihingen|loveda|.+\.ya?ml)$",
+                         description="potsdam, vaihingen, loveda, or a dataset YAML file (your own data)")
     root: Path | None = Field(None, description="raw dataset folder (prepare)")
     prepared: Path | None = Field(None, description="prepared folder with manifest.json (train, evaluate)")
     crop: int = Field(256, ge=32, le=8192, description="crop size in pixels")
     stride: int | None = Field(None, ge=1, description="step between crops; default: the crop size")
-    bands: Literal["rgb", "irrg", "rgbir"] | None = Field(None, description="band choice; default per dataset")
+    bands: str | None = Field(None, pattern=r"^(rgb|irrg|rgbir|all|\d+(,\d+)*)$",
+                              description="band choice (rgb, irrg, rgbir) or band numbers, e.g. 4,3,2")
     eroded: bool = Field(False, description="use eroded (noBoundary) ISPRS labels")
     workers: int = Field(default_factory=lambda: default_workers(), ge=0, le=256,
                          description="data-loader / prepare worker processes (default: 4, at most the cores)")

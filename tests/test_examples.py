@@ -50,3 +50,12 @@ def test_cpu_quick_recipe_is_the_demo_recipe(tmp_path):
                     "warmup_steps", "val_interval", "seed"):
             if key in want:
                 assert got[key] == want[key], (section, key)
+
+
+@pytest.mark.parametrize("name", ["index-labels.yaml", "vector-labels.yaml"])
+def test_custom_dataset_examples_validate(name):
+    from cmdbnet.data.custom import read_dataset_yaml
+
+    spec = read_dataset_yaml(EXAMPLES / "custom" / name)
+    assert spec.source and spec.background == "background" and spec.num_classes >= 2
+    assert (spec.vector is not None) == (name == "vector-labels.yaml")

@@ -74,6 +74,9 @@ def evaluate_command(
         return
     console.print(metrics_table(result, f"{Path(checkpoint)} on {split}"))
     console.print(protocol_line(result["protocol"]))
+    if "positive_class" in result:
+        pos = result["positive_class"]
+        console.print(f"positive class {pos['class']}: IoU {pos['iou']:.4f}, F1 {pos['f1']:.4f}")
     if json_out:
         console.print(f"wrote {json_out}")
 

@@ -20,15 +20,23 @@ def _warn_line(message, category, filename, lineno, file=None, line=None) -> Non
 @cli_errors
 # Long only by its signature: typer declares one parameter per flag.
 def prepare_command(
-    dataset: Optional[str] = typer.Argument(None, help="potsdam, vaihingen or loveda (default: data.dataset)."),
-    root: Optional[Path] = typer.Option(None, "--root", "-r", help="Raw dataset folder (download or pre-split)."),
+    dataset: Optional[str] = typer.Argument(None, help="potsdam, vaihingen, loveda, or your dataset.yaml "
+                                                       "(default: data.dataset)."),
+    root: Optional[Path] = typer.Option(None, "--root", "-r", help="Raw dataset folder (download or pre-split); "
+                                        "a dataset YAML names its own folders."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Prepared folder to write (data.prepared)."),
     crop: Optional[int] = typer.Option(None, "--crop", help="Crop size in pixels (default 256)."),
     stride: Optional[int] = typer.Option(None, "--stride", help="Step between crops (default: the crop size)."),
     eroded: Optional[bool] = typer.Option(None, "--eroded/--full-labels",
                                           help="Use the eroded (noBoundary) ISPRS labels: boundaries -> ignore."),
-    bands: Optional[str] = typer.Option(None, "--bands", help="rgb, irrg or rgbir (default per dataset)."),
+    bands: Optional[str] = typer.Option(None, "--bands", help="rgb, irrg or rgbir (default per dataset), or band "
+                                        "numbers in the order wanted, e.g. 4,3,2."),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Tiles cut in parallel processes (0 = here)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="With --init: folder of your images."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="With --init: folder of label rasters, or a "
+                                          "vector file (GeoPackage, Shapefile, GeoJSON, FlatGeobuf)."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Write a starter dataset YAML here from a look at "
+                                        "--images and --labels (cmdb prepare custom ... --init d.yaml), then stop."),
     config: Optional[Path] = ConfigOption,
     as_json: bool = JsonFlag,
 ) -> None:
@@ -38,7 +46,9 @@ def prepare_command(
 
     Splits: ISPRS download layouts follow the official lists (val = a few
     official train tiles, named in the manifest); pre-split and LoveDA
-    layouts keep their folders. Re-running skips finished tiles.
+    layouts keep their folders; a dataset YAML says its own (images by
+    name or fraction, or spatial blocks, drawn in OUT/split.png).
+    Re-running skips finished tiles.
 
     Examples:
 
@@ -47,14 +57,29 @@ def prepare_command(
       cmdb prepare vaihingen -r data/Vaihingen -o prep/vai --eroded --stride 128
 
       cmdb prepare loveda -r data/LoveDA -o prep/loveda --crop 512 -w 8 --json
+
+      cmdb prepare my-data.yaml --out prepared/mine --bands 4,3,2
+
+      cmdb prepare custom --images scenes/ --labels roofs.gpkg --init my-data.yaml
     """
     from cmdbnet.data.preparation import PrepareWarning, prepare
+
+    if init is not None or images is not None or labels is not None:
+        if init is None or images is None or labels is None or dataset not in (None, "custom"):
+            raise CmdbError("a starter dataset YAML needs all of: cmdb prepare custom --images DIR --labels DIR|FILE "
+                            "--init dataset.yaml")
+        from cmdbnet.data.starter import write_starter
+
+        found = write_starter(images, labels, init)
+        if as_json:
+            print_json(found)
+        else:
+            console.print(f"wrote {init}: check its class names, then run: cmdb prepare {init} --out PREPARED")
+        return
 
     settings = settings_from(config, data={"dataset": dataset, "root": root, "prepared": out, "crop": crop,
                                            "stride": stride, "eroded": eroded, "bands": bands, "workers": workers})
     d = settings.data
-    if d.root is None:
-        raise CmdbError("no raw folder given: pass --root (or set data.root)")
     if d.prepared is None:
         raise CmdbError("no output folder given: pass --out (or set data.prepared)")
     start = time.perf_counter()

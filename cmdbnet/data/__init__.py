@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "DatasetSpec": "registry", "BandChoice": "registry", "DATASETS": "registry", "get_spec": "registry",
-    "IGNORE_INDEX": "registry",
+    "IGNORE_INDEX": "registry", "read_dataset_yaml": "custom", "load_spec": "custom",
     "RawTile": "raw", "RawScan": "raw", "find_tiles": "raw", "LabelDecoder": "raw",
     "prepare": "preparation", "crop_windows": "preparation", "axis_starts": "preparation", "PrepareWarning": "preparation",
     "synth": "synthetic", "render_scene": "synthetic", "tile_plan": "synthetic", "SynthScenes": "synthetic",
@@ -33,6 +33,7 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from cmdbnet.data.custom import load_spec, read_dataset_yaml
     from cmdbnet.data.dataset import PreparedDataset
     from cmdbnet.data.manifest import read_manifest
     from cmdbnet.data.preparation import PrepareWarning, axis_starts, crop_windows, prepare

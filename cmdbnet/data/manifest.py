@@ -155,7 +155,8 @@ def build_manifest(spec: DatasetSpec, band: BandChoice, params: dict[str, Any], 
         "notes": list(scan.notes),
         "splits": per_split, "class_pixels": pixels,
         "sources": [{k: r[k] for k in ("key", "tile_id", "split", "image", "label", "height", "width")}
-                    | {"crops": len(r["crops"])} for r in records],
+                    | {"crops": len(r["crops"])} | ({"window": list(r["window"])} if r.get("window") else {})
+                    for r in records],
         "crops": crops,
     }
 

@@ -16,6 +16,8 @@ there are fewer tiles than workers, so one huge tile still uses every core.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import os
 import signal
@@ -25,7 +27,7 @@ import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ import rasterio
 from affine import Affine
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
+from cmdbnet.data.custom import load_spec, scan_custom
 from cmdbnet.data.manifest import (
     DONE_DIR,
     SPLIT_ORDER,
@@ -46,7 +49,10 @@ from cmdbnet.data.manifest import (
     write_manifest,
 )
 from cmdbnet.data.raw import UNKNOWN, LabelDecoder, RasterInfo, RawTile, check_tile, find_tiles, open_raster, read_rows
-from cmdbnet.data.registry import get_spec
+from cmdbnet.data.registry import DatasetSpec
+from cmdbnet.data.splits import draw_split, image_size
+from cmdbnet.data.stats import band_statistics, band_sums
+from cmdbnet.data.vector import burn
 from cmdbnet.errors import CmdbError
 from cmdbnet.progress import progress_bar
 from cmdbnet.utils import atomic_path, disk_full_error, remove_partial_files, write_failure
@@ -94,6 +100,8 @@ class TileJob:
     out: str
     rows: tuple[int, ...]  # row offsets of the strips this job cuts
     checksums: tuple[str, ...] = ()  # "image" and/or "label": sources this job hashes
+    spec: DatasetSpec | None = None
+    shapes: tuple = ()  # vector labels: ((wkb, class), ...) over this tile's image, in burn order
 
 
 # GDAL settings while cutting: a small block cache (strips are read once, so caching a whole
@@ -102,6 +110,12 @@ GDAL_ENV = {"GDAL_CACHEMAX": 64, "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
 
 
 def _file_record(path: Path, root: Path) -> dict[str, Any]:
+    st = path.stat()
+    return _hashed(path, root, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)  # the blocks of one image hash it once per process
+def _hashed(path: Path, root: Path, size: int, mtime_ns: int) -> dict[str, Any]:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 20):
@@ -140,42 +154,55 @@ def cut_tile(job: TileJob, on_strip: Callable[[int], None] | None = None) -> dic
     Returns ``{"crops": stems, "counts": pixels per label value (256), "files": {what: record},
     "nonfinite": pixels}``; NaN/inf pixels are handled as ``NONFINITE_POLICY`` says.
     """
-    spec, tile, info, crop = get_spec(job.dataset), job.tile, job.info, job.crop
+    spec, tile, info, crop = job.spec, job.tile, job.info, job.crop
+    row0, col0 = tile.window[:2] if tile.window else (0, 0)
+    span = (col0, info.width)
     decoder = LabelDecoder(spec, job.eroded)
     out = Path(job.out)
     cols = axis_starts(info.width, crop, job.stride)
     counts = np.zeros(256, np.int64)
     nonfinite = 0
-    sums = np.zeros((3, info.count)) if info.dtype != "uint8" else None  # per band: n, sum, sum of squares
+    # per band: n, sum, sum of squares
+    sums = np.zeros((3, info.count)) if info.dtype != "uint8" or spec.band_stats else None
     written: list[Path] = []
     stems: list[str] = []
     try:
         with rasterio.Env(**GDAL_ENV), open_raster(tile.image, "image") as img, \
-                open_raster(tile.label, "label") as lab:
+                (contextlib.nullcontext() if spec.vector else open_raster(tile.label, "label")) as lab:
             geo = {"crs": img.crs} if info.georeferenced else {}
             # Uncompressed and band-interleaved: per-file cost dominates prepare, and training
             # reads every crop many times, so no codec on either side.
             image_profile = {"driver": "GTiff", "height": crop, "width": crop, "count": info.count,
                              "dtype": info.dtype, "nodata": img.nodata, "interleave": "band", **geo}
-            if info.count == 4:  # RGBIR: the fourth band is data, never an alpha mask
+            if info.count not in (1, 3):  # RGBIR: the fourth band is data, never an alpha mask
                 image_profile["photometric"] = "MINISBLACK"
             label_profile = {"driver": "GTiff", "height": crop, "width": crop, "count": 1, "dtype": "uint8",
                              "nodata": spec.ignore_index, **geo}
+            if spec.vector:
+                fill = spec.classes.index(spec.background) if spec.vector.outside == "background" else spec.ignore_index
+                top = job.rows[0]
+                burnt = burn(job.shapes, job.rows[-1] + crop - top, info.width,
+                             window_transform(img.transform, row0 + top, col0), fill)
             for y in job.rows:
-                strip = read_rows(img, y, crop, "image")
-                index = decoder(read_rows(lab, y, crop, "label"))
-                if (index == UNKNOWN).any():
-                    raise decoder.off_palette_error(lab)
+                strip = read_rows(img, row0 + y, crop, "image", info.indexes, span)
+                if spec.vector:
+                    index = burnt[y - top:y - top + crop].copy()
+                else:
+                    index = decoder(read_rows(lab, row0 + y, crop, "label", None, span))
+                    if (index == UNKNOWN).any():
+                        raise decoder.off_palette_error(lab)
+                if spec.band_stats and img.nodata is not None:  # a user's nodata: not learnt, not scored
+                    index[(strip == img.nodata).all(axis=0)] = spec.ignore_index
                 bad = ~np.isfinite(strip).all(axis=0) if strip.dtype.kind == "f" else None
                 if bad is not None and bad.any():
                     nonfinite += int(bad.sum())
                     strip[:, bad] = 0
                     index[bad] = spec.ignore_index
                 if sums is not None:
-                    sums += _band_sums(strip, bad)
+                    sums += band_sums(strip, bad, img.nodata if spec.band_stats else None)
                 for x in cols:
-                    stem = f"{tile.key}_{y:05d}_{x:05d}"
-                    where = {"transform": window_transform(img.transform, y, x)} if geo else {}
+                    stem = f"{tile.key}_{row0 + y:05d}_{col0 + x:05d}"
+                    where = {"transform": window_transform(img.transform, row0 + y, col0 + x)} if geo else {}
                     label = index[None, :, x:x + crop]
                     image_path, label_path = crop_paths(out, tile.split, stem)
                     _write_tif(image_path, strip[:, :, x:x + crop], {**image_profile, **where})
@@ -194,25 +221,6 @@ def cut_tile(job: TileJob, on_strip: Callable[[int], None] | None = None) -> dic
         for path in written:
             path.unlink(missing_ok=True)
         raise
-
-
-def _band_sums(strip: np.ndarray, bad: np.ndarray | None) -> np.ndarray:
-    """(3, C): pixel count, sum and sum of squares per band of a strip's valid pixels."""
-    x = strip.reshape(strip.shape[0], -1).astype(np.float64)
-    if bad is not None:
-        x = x[:, ~bad.ravel()]
-    return np.stack([np.full(x.shape[0], x.shape[1], np.float64), x.sum(1), (x * x).sum(1)])
-
-
-def band_statistics(records: list[dict[str, Any]]) -> dict[str, list[float]] | None:
-    """Per-band mean and std of the training tiles (non-8-bit data), or None when not computed."""
-    parts = [np.asarray(r["band_sums"]) for r in records if r["split"] == "train" and r.get("band_sums")]
-    if not parts:
-        return None
-    n, total, squares = np.sum(parts, axis=0)
-    mean = total / np.maximum(n, 1)
-    std = np.sqrt(np.maximum(squares / np.maximum(n, 1) - mean ** 2, 0.0))
-    return {"mean": [round(float(m), 4) for m in mean], "std": [round(float(max(v, 1e-6)), 4) for v in std]}
 
 
 def split_jobs(base: dict[str, Any], tile: RawTile, info: RasterInfo, parts: int) -> list[TileJob]:
@@ -252,7 +260,7 @@ class _Assembler:
         files = {what: rec for p in parts for what, rec in p["files"].items()}
         record = {"key": key, "tile_id": tile.tile_id, "split": tile.split, "listed": tile.listed,
                   "image": files["image"], "label": files["label"], "height": job.info.height,
-                  "width": job.info.width, "crs": job.info.crs, "crops": sorted(s for p in parts for s in p["crops"]),
+                  "width": job.info.width, "crs": job.info.crs, "window": tile.window, "crops": sorted(s for p in parts for s in p["crops"]),
                   "class_pixels": counts[:self.k].tolist(), "ignored": int(counts[self.ignore]),
                   "nonfinite": sum(p.get("nonfinite", 0) for p in parts),
                   "band_sums": (np.sum([p["band_sums"] for p in parts], axis=0).tolist()
@@ -331,12 +339,12 @@ def _run_jobs(jobs: list[TileJob], workers: int, progress: bool, add: Callable[[
 
 
 def _annotate(manifest: dict[str, Any], images: list[Path], ordered: list[dict[str, Any]],
-              ignore_index: int) -> None:
+              ignore_index: int, band_stats: bool = False) -> None:
     """Add NaN/inf pixel counts and non-8-bit band statistics to the manifest; warn about NaN pixels."""
     bad = {image: r.get("nonfinite", 0) for image, r in zip(images, ordered) if r.get("nonfinite", 0)}
     manifest["nonfinite_pixels"] = {"policy": NONFINITE_POLICY, "total": sum(bad.values()),
                                     "images": {str(k): v for k, v in bad.items()}}
-    stats = band_statistics(ordered) if manifest["dtype"] != "uint8" else None
+    stats = band_statistics(ordered) if manifest["dtype"] != "uint8" or band_stats else None
     if stats:
         manifest.update(stats, stats_note=f"per-band mean/std of the training tiles ({manifest['dtype']} data): "
                                           "train uses them unless data.mean/data.std are set")
@@ -347,7 +355,7 @@ def _annotate(manifest: dict[str, Any], images: list[Path], ordered: list[dict[s
                       PrepareWarning, stacklevel=3)
 
 
-def prepare(dataset: str, root: str | os.PathLike, out: str | os.PathLike, crop: int = 256,
+def prepare(dataset: str | DatasetSpec, root: str | os.PathLike | None, out: str | os.PathLike, crop: int = 256,
             stride: int | None = None, eroded: bool = False, bands: str | None = None, workers: int = 0,
             progress: bool = True) -> dict[str, Any]:
     """Cut a raw dataset into crops under ``out`` and return the manifest (also in OUT/manifest.json).
@@ -355,16 +363,20 @@ def prepare(dataset: str, root: str | os.PathLike, out: str | os.PathLike, crop:
     Re-running with the same arguments skips tiles whose sources and crops are unchanged and
     leaves every file (manifest included) untouched when nothing changed.
     """
-    spec = get_spec(dataset)
+    spec = load_spec(dataset)
     band = spec.band(bands)
     stride = stride or crop
     if crop < 1 or not 1 <= stride <= crop:
         raise CmdbError(f"need 1 <= stride <= crop so every pixel lands in a crop (crop {crop}, stride {stride})")
-    root, out = Path(root), Path(out)
-    scan = find_tiles(spec, root, band.name, eroded)
+    if root is None and not spec.source:
+        raise CmdbError("no raw folder given: pass --root (or set data.root)")
+    root, out = Path(root or Path(spec.source).parent), Path(out)
+    scan, shapes = scan_custom(spec, band, crop) if spec.images_dir else (find_tiles(spec, root, band.name, eroded), {})
     for note in scan.notes:
         warnings.warn(note, PrepareWarning, stacklevel=2)
     infos = [check_tile(spec, band, tile) for tile in scan.tiles]
+    if spec.band_stats and not band.count:  # a user's images, no band names given: name them by number
+        band = replace(band, count=infos[0].count, band_names=tuple(f"band{i + 1}" for i in range(infos[0].count)))
     for tile, info in zip(scan.tiles, infos):
         if info.height < crop or info.width < crop:
             raise CmdbError(f"tile {tile.image} is {info.width}x{info.height} pixels, smaller than the crop {crop}: "
@@ -386,9 +398,10 @@ def prepare(dataset: str, root: str | os.PathLike, out: str | os.PathLike, crop:
         else:
             todo.append((tile, info))
     base = {"dataset": spec.name, "crop": crop, "stride": stride, "eroded": eroded, "root": str(root),
-            "out": str(out)}
+            "out": str(out), "spec": spec}
     parts = -(-2 * workers // len(todo)) if workers > 0 and todo else 1  # >= 2 jobs per worker
-    jobs = [job for tile, info in todo for job in split_jobs(base, tile, info, parts)]
+    jobs = [job for tile, info in todo
+            for job in split_jobs({**base, "shapes": shapes.get(str(tile.image), ())}, tile, info, parts)]
     assembler = _Assembler(out, params, spec.num_classes, spec.ignore_index, jobs)
     try:
         _run_jobs(jobs, workers, progress, assembler.add)
@@ -398,6 +411,12 @@ def prepare(dataset: str, root: str | os.PathLike, out: str | os.PathLike, crop:
     records.update(assembler.records)
     ordered = [records[t.key] for t in scan.tiles]
     manifest = build_manifest(spec, band, params, scan, infos, ordered, root, EDGE_RULE)
-    _annotate(manifest, [t.image for t in scan.tiles], ordered, spec.ignore_index)
+    _annotate(manifest, [t.image for t in scan.tiles], ordered, spec.ignore_index, spec.band_stats)
+    if spec.source:  # a user's dataset: its spec travels on, so train/evaluate/predict need nothing else
+        manifest.update(dataset_spec=spec.to_dict(), band_indexes=list(band.indexes))
+        manifest["split_policy"]["blocks"] = spec.split_plan.blocks if spec.split_plan else 0
+    if any(t.window for t in scan.tiles):
+        draw_split(out / "split.png", scan.tiles, {t.image: image_size(t.image) for t in scan.tiles})
     write_manifest(out, manifest)
     return manifest
+

@@ -29,7 +29,7 @@ import rasterio
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
-from cmdbnet.data.registry import BandChoice, DatasetSpec, get_spec
+from cmdbnet.data.registry import BandChoice, DatasetSpec
 from cmdbnet.errors import CmdbError
 from cmdbnet.utils import broken_link
 
@@ -46,6 +46,7 @@ class RawTile:
     image: Path
     label: Path
     listed: bool = True  # False: the id is in no official list (put in train)
+    window: tuple[int, int, int, int] | None = None  # (row, col, height, width): a block of a larger image
 
 
 @dataclass
@@ -248,6 +249,7 @@ class RasterInfo:
     dtype: str
     crs: str | None
     georeferenced: bool
+    indexes: tuple[int, ...] | None = None  # source bands read (None: all)
 
 
 def open_raster(path: Path, what: str = "image"):
@@ -261,12 +263,15 @@ def open_raster(path: Path, what: str = "image"):
         raise CmdbError(f"cannot read {what} {path}: not a readable raster, corrupt or truncated? ({reason})") from None
 
 
-def read_rows(ds, row: int, rows: int, what: str = "image") -> np.ndarray:
-    """Rows ``row .. row+rows`` of every band as (C, rows, W): the only way tiles are read."""
+def read_rows(ds, row: int, rows: int, what: str = "image", indexes: tuple[int, ...] | None = None,
+              cols: tuple[int, int] | None = None) -> np.ndarray:
+    """Rows ``row .. row+rows`` of every band (or ``indexes``) as (C, rows, W): the only way tiles
+    are read; ``cols`` = (first column, width) of a block."""
+    col, width = cols or (0, ds.width)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            return ds.read(window=Window(0, row, ds.width, rows))
+            return ds.read(list(indexes) if indexes else None, window=Window(col, row, width, rows))
     except RasterioError as exc:
         cause = exc.__cause__ or exc.__context__ or exc  # rasterio wraps GDAL's own message
         reason = (str(cause).strip().splitlines() or ["read failed"])[0]
@@ -277,44 +282,54 @@ def read_rows(ds, row: int, rows: int, what: str = "image") -> np.ndarray:
 def check_tile(spec: DatasetSpec, band: BandChoice, tile: RawTile) -> RasterInfo:
     """Header checks of an image and its label (bands, dtype, sizes), before anything is cut."""
     with open_raster(tile.image, "image") as img:
-        info = RasterInfo(img.height, img.width, img.count, img.dtypes[0],
+        height, width = tile.window[2:] if tile.window else (img.height, img.width)
+        info = RasterInfo(height, width, len(band.indexes) or img.count, img.dtypes[0],
                           img.crs.to_string() if img.crs else None,
-                          img.crs is not None or not img.transform.is_identity)
-        if img.count != band.count:
+                          img.crs is not None or not img.transform.is_identity, band.indexes or None)
+        if band.indexes and max(band.indexes) > img.count:
+            raise CmdbError(f"{tile.image}: --bands {band.name}: band {max(band.indexes)} is out of range "
+                            f"(the image has {img.count} band(s))")
+        if band.count and not band.indexes and img.count != band.count:
             raise CmdbError(f"{tile.image}: {img.count} band(s), but {spec.title} {band.name.upper()} images have "
                             f"{band.count}")
         if len(set(img.dtypes)) != 1 or info.dtype not in SUPPORTED_DTYPES:
             raise CmdbError(f"{tile.image}: unsupported data type {'/'.join(sorted(set(img.dtypes)))}; "
                             f"supported: {', '.join(SUPPORTED_DTYPES)}")
+    if spec.vector is not None:
+        return info  # polygons: checked and rasterised on the image's grid by ``vector``
     want = 3 if spec.label_kind == "color" else 1
+    dtypes = ("uint8",) if want == 3 or not spec.source else ("uint8", "uint16")
     with open_raster(tile.label, "label") as lab:
-        if lab.count != want or lab.dtypes[0] != "uint8":
+        if lab.count != want or lab.dtypes[0] not in dtypes:
             kind = "RGB colour" if want == 3 else "single-band index"
             raise CmdbError(f"{tile.label}: expected a {kind} label (uint8, {want} band(s)), "
                             f"got {lab.count} band(s) of {lab.dtypes[0]}")
-        if (lab.height, lab.width) != (info.height, info.width):
-            raise CmdbError(f"image/label size mismatch: {tile.image} is {info.width}x{info.height}, "
+        if (lab.height, lab.width) != (img.height, img.width):
+            raise CmdbError(f"image/label size mismatch: {tile.image} is {img.width}x{img.height}, "
                             f"{tile.label} is {lab.width}x{lab.height}")
     return info
 
 
 # ---------------------------------------------------------------- labels to class indices
 
+def _lookup(spec: DatasetSpec, eroded: bool) -> np.ndarray:
+    ignored = spec.ignore_colors + ((spec.boundary_color,) if eroded and spec.boundary_color else ())
+    return _table(spec.label_kind, spec.palette, ignored, spec.label_values, spec.nodata_values, spec.ignore_index)
+
+
 @functools.lru_cache(maxsize=8)
-def _lookup(dataset: str, eroded: bool) -> np.ndarray:
+def _table(kind: str, palette: tuple, ignored: tuple, values: tuple, nodata: tuple, ignore_index: int) -> np.ndarray:
     """Raw label key -> class index; colour keys are RGB packed into 24 bits (a 16 MiB table)."""
-    spec = get_spec(dataset)
-    if spec.label_kind == "color":
+    if kind == "color":
         lut = np.full(1 << 24, UNKNOWN, np.uint8)
-        for index, (r, g, b) in enumerate(spec.palette):
+        for index, (r, g, b) in enumerate(palette):
             lut[(r << 16) | (g << 8) | b] = index
-        if eroded and spec.boundary_color is not None:
-            r, g, b = spec.boundary_color
-            lut[(r << 16) | (g << 8) | b] = spec.ignore_index
+        for r, g, b in ignored:
+            lut[(r << 16) | (g << 8) | b] = ignore_index
     else:
-        lut = np.full(256, UNKNOWN, np.uint8)
-        lut[list(spec.label_values)] = np.arange(len(spec.label_values), dtype=np.uint8)
-        lut[list(spec.nodata_values)] = spec.ignore_index
+        lut = np.full(1 << 16, UNKNOWN, np.uint8)  # uint8 and uint16 index labels
+        lut[list(values)] = np.arange(len(values), dtype=np.uint8)
+        lut[list(nodata)] = ignore_index
     lut.setflags(write=False)
     return lut
 
@@ -328,7 +343,7 @@ class LabelDecoder:
 
     def __init__(self, spec: DatasetSpec, eroded: bool):
         self.spec, self.eroded = spec, eroded
-        self.lut = _lookup(spec.name, eroded)
+        self.lut = _lookup(spec, eroded)
 
     def keys(self, raw: np.ndarray) -> np.ndarray:
         """(C, H, W) raw label -> (H, W) lookup keys."""
@@ -360,6 +375,8 @@ class LabelDecoder:
         msg = f"{ds.name}: label {self.describe(key)} is not in the {self.spec.title} palette ({count} px)"
         if len(found) > 1:
             msg += f"; {len(found) - 1} other off-palette value(s), {sum(found.values()) - count} px"
+        if self.spec.source:
+            msg += f"; add it to the classes or the ignore list of {self.spec.source}"
         if not self.eroded and self.spec.boundary_color is not None:
             r, g, b = self.spec.boundary_color
             if (r << 16) | (g << 8) | b in found:

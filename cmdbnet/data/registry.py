@@ -18,6 +18,7 @@ selection; we do not do it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -38,6 +39,30 @@ class BandChoice:
     count: int  # bands in the file
     band_names: tuple[str, ...]
     download_folders: tuple[str, ...] = ()  # folder names of the official download
+    indexes: tuple[int, ...] = ()  # 1-based source bands read, in order (empty: every band of the file)
+
+
+@dataclass(frozen=True)
+class VectorLabels:
+    """Polygon labels: a layer whose ``field`` names each polygon's class through ``values``."""
+
+    path: str
+    layer: str | None
+    field: str
+    values: dict[str, int]  # field value (as text) -> class index
+    priority: tuple[int, ...]  # class indices, highest priority first (wins where polygons overlap)
+    outside: Literal["background", "ignore"]  # pixels outside every polygon
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """How a user's images become splits: whole images by name or fraction, or spatial blocks."""
+
+    val: tuple[str, ...] | float = 0.0
+    test: tuple[str, ...] | float = 0.0
+    seed: int = 0
+    blocks: int = 0  # > 0: cut every image into blocks this many pixels wide, split the blocks
+    stripes: bool = False  # blocks span the whole width
 
 
 @dataclass(frozen=True)
@@ -80,17 +105,34 @@ class DatasetSpec:
     crs_epsg: int | None = None  # projected CRS the data comes in (synthetic scenes use it)
     excluded_in_means: tuple[str, ...] = ()  # what ``--ignore-clutter`` leaves out of means
     ignore_index: int = IGNORE_INDEX
+    # A user's dataset (``cmdbnet.data.custom``): where its files are and how they become labels.
+    source: str = ""  # the YAML file it came from ("" for the built-in datasets)
+    images_dir: str = ""  # absolute folders/files; their presence selects the custom pairing
+    labels_path: str = ""
+    ignore_colors: tuple[tuple[int, int, int], ...] = ()  # colour labels: colours that become ignore
+    vector: VectorLabels | None = None
+    split_plan: SplitPlan | None = None
+    band_stats: bool = False  # per-band mean/std at prepare for every dtype (not only non-8-bit)
+    background: str | None = None  # the background class (binary scores report the other one)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
     def band(self, name: str | None) -> BandChoice:
-        """The band choice called ``name`` (the default when None)."""
-        wanted = (name or self.default_bands).lower()
+        """The band choice called ``name`` (the default when None), or ``"4,3,2"``: those bands of
+        the default choice's files, in that order (1-based)."""
+        wanted = (name or self.default_bands).lower().replace(" ", "")
         for choice in self.bands:
             if choice.name == wanted:
                 return choice
+        if re.fullmatch(r"\d+(,\d+)*", wanted):
+            base = self.band(None)
+            idx = tuple(int(i) for i in wanted.split(","))
+            if min(idx) < 1 or len(set(idx)) != len(idx):
+                raise CmdbError(f"--bands {name}: band numbers start at 1 and appear once each")
+            names = tuple(base.band_names[i - 1] if i <= len(base.band_names) else f"band{i}" for i in idx)
+            return BandChoice(wanted, base.tag, len(idx), names, base.download_folders, idx)
         names = ", ".join(b.name for b in self.bands)
         raise CmdbError(f"{self.title} has no band choice {name!r}; choose one of: {names}")
 

@@ -62,6 +62,7 @@ class ModelMeta:
     dtype: str | None
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    indexes: tuple[int, ...] = ()  # source bands fed to the network when trained on a selection (--bands 4,3,2)
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict[str, Any], path: Path) -> ModelMeta:
@@ -75,7 +76,8 @@ class ModelMeta:
             raise CmdbError(f"{path}: checkpoint's dataset block is incomplete or malformed ({exc})") from None
         if not (len(mean) == len(std) == bands):
             raise CmdbError(f"{path}: checkpoint has {bands} bands but {len(mean)} means and {len(std)} stds")
-        return cls(str(ds.get("name", "unknown")), classes, palette, bands, ds.get("dtype"), mean, std)
+        return cls(str(ds.get("name", "unknown")), classes, palette, bands, ds.get("dtype"), mean, std,
+                   tuple(int(i) for i in ds.get("band_indexes") or ()))
 
 
 @dataclass(frozen=True)
@@ -250,7 +252,9 @@ def check_input(path: Path, meta: ModelMeta) -> InputInfo:
     with open_raster(path) as src:
         n, want = src.count, meta.band_count
         interp = list(src.colorinterp)
-        if n == want:
+        if meta.indexes and n >= max(meta.indexes) and n != want:
+            indexes = meta.indexes  # the bands it was trained on, picked from the full image
+        elif n == want:
             indexes = tuple(range(1, want + 1))
         elif n == want + 1 and interp and interp[-1] == ColorInterp.alpha:
             indexes = tuple(range(1, want + 1))  # last band is alpha: a mask, not data

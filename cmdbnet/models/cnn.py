@@ -47,15 +47,20 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _adapt_stem(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
-    """RGB stem weights for ``in_channels`` bands (e.g. RGBIR): cycle the RGB filters and rescale.
+    """RGB stem weights for ``in_channels`` bands, as timm and torchgeo adapt them.
 
-    Rescaling by 3 / in_channels keeps the stem's response to a grey image unchanged, so the
-    pretrained statistics of every later layer still hold.
+    The RGB filters are kept for the first three bands, every further band starts from the
+    mean of the RGB filters (one band: that mean alone), and all are scaled by 3 / in_channels,
+    so a grey image excites the stem exactly as before and the pretrained statistics of
+    every later layer still hold.
     """
     if weight.shape[1] == in_channels:
         return weight
-    idx = torch.arange(in_channels) % weight.shape[1]
-    return weight[:, idx] * (weight.shape[1] / in_channels)
+    rgb = weight[:, :3]
+    mean = rgb.mean(1, keepdim=True)
+    kept = rgb if in_channels > 3 else rgb[:, :0]
+    extra = mean.expand(-1, in_channels - kept.shape[1], -1, -1)
+    return torch.cat([kept, extra], 1) * (3 / in_channels)
 
 
 def load_backbone_state(encoder: ResNetEncoder, state: dict[str, torch.Tensor], source: str) -> None:

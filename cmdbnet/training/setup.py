@@ -20,7 +20,8 @@ def dataset_info(manifest: dict, settings: Settings) -> dict[str, Any]:
             "bands": manifest.get("bands"), "band_count": int(manifest["band_count"]),
             "dtype": manifest.get("dtype", "uint8"), "mean": list(settings.data.mean),
             "std": list(settings.data.std), "excluded_in_means": list(manifest.get("excluded_in_means", [])),
-            "eroded": bool(manifest.get("eroded", False)), "crop": int(manifest.get("crop", 0))}
+            "eroded": bool(manifest.get("eroded", False)), "crop": int(manifest.get("crop", 0)),
+            **{k: manifest[k] for k in ("band_indexes", "dataset_spec") if k in manifest}}
 
 
 def settings_for_data(settings: Settings, manifest: dict) -> Settings:
@@ -28,7 +29,8 @@ def settings_for_data(settings: Settings, manifest: dict) -> Settings:
     bands = int(manifest["band_count"])
     dtype = manifest.get("dtype", "uint8")
     defaults = DataSettings()
-    if dtype != "uint8" and (settings.data.mean, settings.data.std) == (defaults.mean, defaults.std):
+    if (dtype != "uint8" or manifest.get("mean")) and (settings.data.mean, settings.data.std) == (defaults.mean,
+                                                                                                   defaults.std):
         if not manifest.get("mean") or not manifest.get("std"):
             raise CmdbError(f"{settings.data.prepared} holds {dtype} pixels, but data.mean/data.std are 8-bit "
                             "ImageNet statistics: re-run cmdb prepare (it computes them) or set both in your config")
