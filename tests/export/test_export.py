@@ -181,3 +181,34 @@ def test_corrupt_and_foreign_onnx_give_one_clear_error(tmp_path):
 def test_missing_extra_names_it():
     with pytest.raises(CmdbError, match=r'pip install "cmdbnet\[export\]"'):
         require("onnxruntime_not_installed_here")
+
+
+def test_export_mode_takes_plain_ops_only(monkeypatch):
+    """Inside ``exporting()`` no C library, hand-written autograd Function or fused matmul runs, the
+    scan takes its export form, and the network's output stays PyTorch's."""
+    from cmdbnet.models import depthwise, fusion, vss
+    from cmdbnet.models.exporting import exporting
+    from cmdbnet.models.scan import native, selective_scan
+    from cmdbnet.models.scan.parallel import export_scan
+
+    torch.manual_seed(0)
+    u, dt = torch.randn(2, 8, 100), torch.randn(2, 8, 100)
+    A, B, C, D, bias = -torch.rand(8, 3), torch.randn(2, 2, 3, 100), torch.randn(2, 2, 3, 100), torch.randn(8), \
+        torch.randn(8)
+    ref = selective_scan(u, dt, A, B, C, D, delta_bias=bias, delta_softplus=True)
+    assert (export_scan(u, dt, A, B, C, D, bias) - ref).abs().max() <= 1e-5 * ref.abs().max()
+    net = build_model(ModelSettings(**SMALL)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        eager = net(x)["seg"]
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("a hand-written CPU path ran in export mode")
+
+        for owner, name in ((fusion._Up2x, "apply"), (native.PlaneScan, "apply"), (native.NativeScan, "apply"),
+                            (depthwise.Depthwise3x3, "apply"), (torch, "bmm"), (torch, "baddbmm")):
+            monkeypatch.setattr(owner, name, refuse)
+        with exporting():
+            plain = net(x)["seg"]
+            assert vss._plane_scan(x) is False
+    assert (plain - eager).abs().max() <= 1e-5 * eager.abs().max()
