@@ -138,7 +138,8 @@ def cuda_rows(table, dev, work: Path, smoke: bool) -> None:
                   f"({', '.join(ort.get_available_providers())}); install onnxruntime-gpu")
         return
     r = throughput(ckpt, path, windows(n, tile), batch, 1 if smoke else 5, "cpu" if smoke else dev.type)
-    table.add("g", f"onnxruntime {ort.__version__} ({r['providers'][0]}) vs PyTorch, exported default network, "
+    net = "tiny" if smoke else "default"
+    table.add("g", f"onnxruntime {ort.__version__} ({r['providers'][0]}) vs PyTorch, exported {net} network, "
               f"tile {tile}: max abs probability difference", f"{r['max_abs_diff']:.1e}; arg-max agreement "
               f"{r['argmax_agreement']:.4%}", "<= 1e-3", r["max_abs_diff"] <= 1e-3)
     table.add("g", f"throughput, batch {batch} (fp32)", f"onnxruntime {r['mpx_per_s']['onnxruntime']:.2f} Mpx/s, "
