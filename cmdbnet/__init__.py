@@ -16,6 +16,7 @@ _EXPORTS = {
     "train": "cmdbnet.api",
     "evaluate": "cmdbnet.evaluation",
     "predict": "cmdbnet.inference.files",
+    "export": "cmdbnet.export",  # the package itself, which is callable: cmdbnet.export(run, "model.onnx")
     "build_model": "cmdbnet.models",
     "load_settings": "cmdbnet.settings",
     "Settings": "cmdbnet.settings",
@@ -28,6 +29,7 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'cmdbnet' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    value = importlib.import_module(module)
+    value = value if module == f"{__name__}.{name}" else getattr(value, name)
     globals()[name] = value
     return value

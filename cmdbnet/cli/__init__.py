@@ -32,6 +32,7 @@ _COMMAND_MODULES = (
     "train",
     "evaluate",
     "predict",
+    "export",
     "demo",
     "profile_vram",
     "count_params",

@@ -33,9 +33,9 @@ def predict_command(
     out: Path = typer.Option(..., "--out", "-o",
                              help="Output .tif for one input, else a folder (<stem>_mask.tif, ...)."),
     checkpoint: Path = typer.Option(..., "--checkpoint", "-k",
-                                    help="Checkpoint file or run folder (best.pt, else last.pt)."),
+                                    help="Checkpoint file, run folder (best.pt, else last.pt) or `cmdb export`ed .onnx."),
     tile: Optional[int] = typer.Option(None, "--tile",
-                                       help="Window size in pixels, a multiple of 32 (default 512)."),
+                                       help="Window size in pixels, a multiple of 32 (default 512; an .onnx uses its own)."),
     overlap: Optional[float] = typer.Option(None, "--overlap", help="Window overlap fraction, 0..0.75 (default 0.25)."),
     tta: Optional[str] = typer.Option(None, "--tta",
                                       help="Test-time augmentation: none, flip (3 views) or d4 (8) (default none)."),
@@ -67,7 +67,7 @@ def predict_command(
 
     Overlapping windows are blended smoothly, strip by strip: memory stays bounded on any size.
 
-    Classes, palette, bands and normalisation all come from the checkpoint.
+    Classes, palette, bands and normalisation all come from the checkpoint (or the .onnx file).
 
     Nodata in the input (nodata value, mask or alpha band) stays nodata (255) in the mask.
 
@@ -78,6 +78,8 @@ def predict_command(
       cmdb predict tiles/ -o masks/ -k runs/potsdam --format both --tta flip
 
       cmdb predict "scenes/*.png" -o out/ -k best.pt --probs --boundary --json
+
+      cmdb predict city/ -o masks/ -k model.onnx --device cpu   (onnxruntime, no checkpoint)
 
       torchrun --nproc-per-node 4 -m cmdbnet predict city/ -o masks/ -k best.pt --cog --vector city.gpkg
 

@@ -42,6 +42,7 @@ from cmdbnet.checkpoint import load_model, resolve_checkpoint
 from cmdbnet.errors import CmdbError
 from cmdbnet.inference.compiled import compile_predictor
 from cmdbnet.inference.gis import reference_crs, same_crs, write_vrt
+from cmdbnet.inference.onnx_runner import is_onnx, load_onnx_model
 from cmdbnet.inference.rasters import (
     OUTPUT_EXTS,
     ModelMeta,
@@ -175,11 +176,16 @@ class _Run:
         self.progress, self.overwrite = progress and dinfo.is_main, overwrite
         self.device = pick_device(s.device, dinfo.local_rank)
         self.ckpt_path = resolve_checkpoint(checkpoint)
-        self.model, ckpt, self.meta, has_boundary = load_predictor_model(self.ckpt_path, self.device)
+        if is_onnx(self.ckpt_path):  # an exported model: onnxruntime behind the same windows (onnx_runner)
+            self.model, self.meta, raw = load_onnx_model(self.ckpt_path, s.device)
+            ckpt, has_boundary = {"settings": {"model": {"variant": raw.get("variant", "?")}}}, raw["boundary_output"]
+            s = self.s = s.model_copy(update={"tile": int(raw["tile"]), "amp": False, "compile": False})
+        else:
+            self.model, ckpt, self.meta, has_boundary = load_predictor_model(self.ckpt_path, self.device)
         if s.boundary and not has_boundary:
             variant = (ckpt.get("settings") or {}).get("model", {}).get("variant", "?")
-            raise CmdbError(f"{self.ckpt_path}: this network (variant {variant}) has no boundary head; "
-                            "drop --boundary")
+            raise CmdbError(f"{self.ckpt_path}: this network (variant {variant}) has no boundary "
+                            f"{'output (export with --boundary)' if is_onnx(self.ckpt_path) else 'head'}; drop --boundary")
         self.predictor = StripPredictor(self.model, self.meta.mean, self.meta.std, s.tile, s.overlap, s.tta,
                                         s.batch, self.device, s.amp, boundary=s.boundary, probs=s.probs)
         self.vector: Path | None = None

@@ -145,17 +145,20 @@ def forward_tta(model: torch.nn.Module, x: torch.Tensor, mode: TTA = "none",
     with torch.inference_mode(), inference_precision(amp, x.device).autocast(x.device):
         for k, flip in views:
             out = model(_apply(x, k, flip))
-            seg, b = (out, None) if isinstance(out, torch.Tensor) else (out["seg"], out.get("boundary"))
+            seg, b = (out, None) if isinstance(out, torch.Tensor) else (out.get("seg"), out.get("boundary"))
+            given = seg is None  # a runner that returns probabilities (an ONNX model: softmax in its graph)
+            if given:
+                seg, b = out["probs"], out.get("boundary_probs")
             seg = _undo(seg.float(), k, flip)
             if seg.shape[-2:] != x.shape[-2:]:
                 seg = F.interpolate(seg, size=x.shape[-2:], mode="bilinear", align_corners=False)
-            p = seg.softmax(1)
+            p = seg if given else seg.softmax(1)
             probs = p if probs is None else probs.add_(p)
             if b is not None:
                 b = _undo(b.float(), k, flip)
                 if b.shape[-2:] != x.shape[-2:]:
                     b = F.interpolate(b, size=x.shape[-2:], mode="bilinear", align_corners=False)
-                b = b.sigmoid()
+                b = b if given else b.sigmoid()
                 bnd = b if bnd is None else bnd.add_(b)
         assert probs is not None
         n = float(len(views))

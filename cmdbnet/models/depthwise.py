@@ -4,7 +4,7 @@ Why: oneDNN runs a depthwise convolution of a plain NCHW map through reorders to
 layout and back, and on the wide 1/4-scale maps (the FPN's smoothing, the boundary head) that
 costs several times the nine multiply-adds per pixel, most of all in backward. The C loops read
 each plane in place. Same parameters, same results within fp32 rounding; anywhere else (CUDA, a
-channels-last or strided map, fp64, torch.compile, no C compiler) the module's own conv runs.
+channels-last or strided map, fp64, torch.compile, ONNX export, no C compiler) the module's own conv runs.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cmdbnet.models.exporting import is_exporting
 from cmdbnet.models.scan.native import library, pointer, run_units
 
 __all__ = ["Depthwise3x3", "depthwise"]
@@ -30,7 +31,7 @@ def _applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
             and conv.dilation == (1, 1) and conv.groups == c == conv.out_channels and conv.padding_mode == "zeros"
             and x.dim() == 4 and x.shape[1] == c and x.device.type == "cpu" and x.dtype == torch.float32
             and conv.weight.dtype == torch.float32 and x.is_contiguous() and not torch.compiler.is_compiling()
-            and library() is not None)
+            and not is_exporting() and library() is not None)
 
 
 class Depthwise3x3(torch.autograd.Function):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmdbnet.models.depthwise import depthwise
+from cmdbnet.models.exporting import adaptive_avg_pool2d, is_exporting
 
 __all__ = ["ConvBNReLU", "CrossAttention", "DualGate", "GatedFusion", "ConcatFusion", "SingleBranchNeck",
            "FPNAggregator", "pointwise"]
@@ -58,7 +59,8 @@ def _channel_matmul(conv: nn.Conv2d, x: torch.Tensor, channel_scale: torch.Tenso
 def _eager_cpu_nchw(x: torch.Tensor) -> bool:
     """Where the CPU fast paths of this module apply: NCHW-contiguous CPU maps, outside
     torch.compile (which fuses the plain ops itself and cannot trace the hand-written ones)."""
-    return x.device.type == "cpu" and x.is_contiguous() and not torch.compiler.is_compiling()
+    return (x.device.type == "cpu" and x.is_contiguous() and not torch.compiler.is_compiling()
+            and not is_exporting())
 
 
 def _plain_1x1(conv: nn.Conv2d) -> bool:
@@ -152,8 +154,8 @@ class DualGate(nn.Module):
 def _pool(x: torch.Tensor, size: int) -> torch.Tensor:
     """``adaptive_avg_pool2d(x, size)``; as the equal (and cheaper) plain average pool when the sides divide."""
     h, w = x.shape[-2:]
-    if h % size or w % size:
-        return F.adaptive_avg_pool2d(x, size)
+    if h % size or w % size or is_exporting():
+        return adaptive_avg_pool2d(x, size)
     return F.avg_pool2d(x, (h // size, w // size))
 
 
@@ -172,7 +174,7 @@ class CrossAttention(nn.Module):
         heads = max(dim // head_dim, 1)
         while dim % heads:
             heads -= 1
-        self.pool, self.heads = pool, heads
+        self.pool, self.heads, self.dim = pool, heads, dim
         self.q = nn.Conv2d(width, dim, 1, bias=False)
         self.kv = nn.Linear(width, 2 * dim, bias=False)
         self.norm = nn.LayerNorm(width)
@@ -183,7 +185,7 @@ class CrossAttention(nn.Module):
         b, _, h, w = x.shape
         tokens = _pool(other, self.pool).flatten(2).transpose(1, 2)                     # (B, P, w)
         k, v = self.kv(self.norm(tokens)).chunk(2, dim=-1)
-        split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)            # noqa: E731
+        split = lambda t: t.unflatten(-1, (self.heads, self.dim // self.heads)).transpose(1, 2)  # noqa: E731
         if not _eager_cpu_nchw(x):
             q = self.q(x).flatten(2).transpose(1, 2)                                   # (B, HW, dim)
             o = F.scaled_dot_product_attention(split(q), split(k), split(v))           # (B, h, HW, d)
@@ -231,7 +233,7 @@ class PyramidPooling(nn.Module):
         self.bottleneck = ConvBNReLU(cin + branch * len(bins), out, k=3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = [_up(conv(F.adaptive_avg_pool2d(x, b)), x) for b, conv in zip(self.bins, self.branches)]
+        pooled = [_up(conv(adaptive_avg_pool2d(x, b)), x) for b, conv in zip(self.bins, self.branches)]
         return self.bottleneck(torch.cat([x, *pooled], dim=1))
 
 

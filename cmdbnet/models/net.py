@@ -23,6 +23,7 @@ from torch import nn
 
 from cmdbnet.models.boundary import BoundaryRefinement
 from cmdbnet.models.cnn import ResNetEncoder
+from cmdbnet.models.exporting import is_exporting
 from cmdbnet.models.fusion import ConcatFusion, GatedFusion, SingleBranchNeck
 from cmdbnet.models.heads import Heads
 from cmdbnet.models.vss import MambaEncoder
@@ -76,7 +77,7 @@ def _cpu_layout(x: torch.Tensor) -> torch.Tensor:
     """Channels-last input for CPU inference: oneDNN's convolutions run faster in it and keep it
     downstream, with outputs as close to fp64 as NCHW's. Not with gradients: its backward
     measured far further from fp64 than NCHW's (both in benchmarks/RESULTS.md)."""
-    if x.device.type == "cpu" and x.dim() == 4 and not torch.is_grad_enabled():
+    if x.device.type == "cpu" and x.dim() == 4 and not torch.is_grad_enabled() and not is_exporting():
         return x.contiguous(memory_format=torch.channels_last)
     return x
 

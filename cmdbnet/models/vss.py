@@ -26,8 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from cmdbnet.models.exporting import is_exporting
 from cmdbnet.models.scan import resolve_backend, scan_macs, selective_scan
 from cmdbnet.models.scan.native import PlaneScan
+from cmdbnet.models.scan.parallel import export_scan
 
 __all__ = ["SS2D", "VSSBlock", "MambaEncoder", "SelectiveScan", "DropPath"]
 
@@ -67,6 +69,8 @@ class SelectiveScan(nn.Module):
 
     @torch.compiler.disable
     def forward(self, u, delta, A, B, C, D, delta_bias, plane=None):  # noqa: N803
+        if is_exporting():  # plain ops only (models/exporting.py); never the plane form
+            return export_scan(u, delta, A, B, C, D, delta_bias)
         if plane is not None:
             return PlaneScan.apply(u, delta, A, B, C, D, delta_bias, *plane)
         return selective_scan(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=True)
@@ -87,7 +91,7 @@ def _plane_scan(t: torch.Tensor) -> bool:
     """Whether SS2D runs its scan position-major through the C library: where that library runs
     the scan (CPU fp32, backend native), outside torch.compile (which needs the torch ops)."""
     return (t.device.type == "cpu" and t.dtype == torch.float32 and not torch.compiler.is_compiling()
-            and resolve_backend(t.device) == "native")
+            and not is_exporting() and resolve_backend(t.device) == "native")
 
 
 def _cross_scan(x: torch.Tensor) -> torch.Tensor:
@@ -231,7 +235,7 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":  # the LayerNorm between the convs then reads them in place, no copies
+        if x.device.type == "cpu" and not is_exporting():  # the LayerNorm between the convs then reads them in place, no copies
             x = x.contiguous(memory_format=torch.channels_last)
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 

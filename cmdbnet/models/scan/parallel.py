@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ParallelScan", "linear_scan", "parallel_backward"]
+__all__ = ["ParallelScan", "export_scan", "linear_scan", "parallel_backward"]
 
 
 def linear_scan(a: torch.Tensor, x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
@@ -137,3 +137,22 @@ def parallel_backward(saved, delta_softplus, need, gout, glast):
     gD = (gy * u).sum((0, 2)) if D is not None and need[5] else None  # noqa: N806
     gbias = gdt.sum((0, 2)) if delta_bias is not None and need[7] else None
     return gu, gdt, gA, gB, gC, gD, gz, gbias, None
+
+
+def export_scan(u, delta, A, B, C, D, delta_bias):  # noqa: N803
+    """ParallelScan's forward (softplus delta, no z) without in-place ops or ``out=``: the form an
+    ONNX exporter traces into a fixed graph. Each level combines pairs at distance ``s`` exactly as
+    :func:`linear_scan` does, (a, x) o (a', x') = (a a', a x' + x), by slicing and concatenating."""
+    b, d, l = u.shape  # noqa: E741
+    g = B.shape[1] if B.dim() == 4 else 1
+    B, C = (t.view(b, 1, *t.shape[1:]) if t.dim() == 3 else t for t in (B, C))  # noqa: N806
+    _, dt = _delta(delta, delta_bias, True)
+    a, _, x = _operands(u, dt, A, B, g)
+    s = 1
+    while s < l:
+        x = torch.cat((x[..., :s], x[..., s:] + a[..., s:] * x[..., :-s]), -1)
+        if 2 * s < l:  # the last level's decays are never read
+            a = torch.cat((a[..., :s], a[..., s:] * a[..., :-s]), -1)
+        s *= 2
+    y = (x * C.unsqueeze(2)).sum(-2).reshape(b, d, l)
+    return y if D is None else y + u * D[:, None]
