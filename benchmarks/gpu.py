@@ -71,7 +71,7 @@ PARTS = {
     "e": ("gpu_parts:predict_throughput", 45, "predict"),
     "f": ("gpu_parts:demo_time", 80, "demo"),
 }
-SMOKE_SKIPS = {"k": "compile table: run tests/models/test_scan_triton_compile.py (no GPU needed, about a minute)"}
+SMOKE_SKIPS = {"k": "compile table: run tests/models/triton_compile.py (no GPU needed, about a minute)"}
 
 
 @dataclass

@@ -163,7 +163,7 @@ def triton_grid_rows(ctx):
 
 def compile_rows(ctx):
     """(k) the compile test's full table (sm_75/80/86/90, d_state 1/4/16) under this image's Triton."""
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "models" / "test_scan_triton_compile.py")],
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "models" / "triton_compile.py")],
                           capture_output=True, text=True, cwd=ROOT, timeout=240,
                           env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("| sm_")]
