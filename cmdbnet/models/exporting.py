@@ -46,8 +46,6 @@ def adaptive_avg_pool2d(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def _bin_matrix(n: int, size: int, like: torch.Tensor) -> torch.Tensor:
     """(size, n): row i averages input positions floor(i n / size) .. ceil((i + 1) n / size) - 1."""
-    m = torch.zeros(size, n, dtype=like.dtype)
-    for i in range(size):
-        lo, hi = (i * n) // size, -(-(i + 1) * n // size)
-        m[i, lo:hi] = 1.0 / (hi - lo)
-    return m.to(like.device)
+    bins = [((i * n) // size, -(-(i + 1) * n // size)) for i in range(size)]
+    rows = [[1.0 / (hi - lo) if lo <= j < hi else 0.0 for j in range(n)] for lo, hi in bins]
+    return torch.tensor(rows, dtype=like.dtype, device=like.device)  # a constant, not traced writes
