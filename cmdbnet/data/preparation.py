@@ -127,25 +127,39 @@ def _hashed(path: Path, root: Path, size: int, mtime_ns: int) -> dict[str, Any]:
     return {"path": rel, "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
+# Size of a crop file that read back whole, per layout: the same layout gives the same size
+# (uncompressed, fixed-size tags), so later crops are checked by their size alone; another
+# size (a tile in another CRS) is read back again.
+_WHOLE_SIZE: dict[str, int] = {}
+
+
 def _write_tif(path: Path, array: np.ndarray, profile: dict[str, Any]) -> None:
-    """Write one uncompressed crop and read it back before it gets its final name.
+    """Write one uncompressed crop and check it is whole before it gets its final name.
 
     Why: GDAL reports a write that failed at its final flush (a full disk) only in its log,
     and a crop that does not read back would otherwise be marked done and skipped forever.
     """
+    layout = f"{path.parent}:{array.shape}:{array.dtype}:{profile.get('nodata')}"
     with atomic_path(path, suffix=".tif") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)  # sources without georeferencing
         try:
             with rasterio.open(tmp, "w", **profile) as dst:
                 dst.write(array)
-            with rasterio.open(tmp) as src:  # uncompressed: whole only if every byte is there
-                whole = tmp.stat().st_size >= array.nbytes and src.read().shape == array.shape
+            size = tmp.stat().st_size
+            whole = size == _WHOLE_SIZE.get(layout) or _reads_back(tmp, array)
         except RasterioError:
             whole = False
         if not whole:
             cause = write_failure(tmp.parent, array.nbytes + (64 << 10))
             raise disk_full_error(path, cause.strerror) if cause else CmdbError(f"{path} did not read back after "
                                                                                  "writing it; check the disk")
+        _WHOLE_SIZE.setdefault(layout, size)
+
+
+def _reads_back(path: Path, array: np.ndarray) -> bool:
+    """Uncompressed: whole only if every pixel byte is in the file and it decodes."""
+    with rasterio.open(path) as src:
+        return path.stat().st_size >= array.nbytes and src.read().shape == array.shape
 
 
 def cut_tile(job: TileJob, on_strip: Callable[[int], None] | None = None) -> dict[str, Any]:
