@@ -135,7 +135,9 @@ def forward_tta(model: torch.nn.Module, x: torch.Tensor, mode: TTA = "none",
     None)``, float32. ``flip`` averages 3 views (identity, left-right, up-down), ``d4`` the
     8 rotations/reflections. Probabilities, not logits, are averaged: views that disagree
     then pull towards uncertainty instead of letting one over-confident view win.
-    ``boundary`` is None when the network has no boundary head.
+    ``boundary`` is None when the network has no boundary head. ``model`` may also be a runner
+    that returns probabilities, ``{"probs", "boundary_probs"}`` (an exported ONNX model:
+    ``onnx_runner.OnnxNetwork``); they are averaged the same way.
     """
     probs: Optional[torch.Tensor] = None
     bnd: Optional[torch.Tensor] = None
