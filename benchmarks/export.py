@@ -125,25 +125,27 @@ def ort117(path: Path, x: torch.Tensor, target: Path) -> dict:
     return {**info, "newest": ort.__version__, "max_abs_diff_vs_newest": float(np.abs(theirs - ours).max())}
 
 
-def cuda_rows(table, dev, work: Path, smoke: bool) -> None:
-    """GPU check part: the exported default network in onnxruntime's CUDA provider against PyTorch on
-    the card (fp32): max |dp| (target <= 1e-3), arg-max agreement, Mpx/s of both at tile 512, batch 8.
-    ``smoke``: the tiny network at tile 64 on CPU providers (checks the code, not the card)."""
+def cuda_rows(ctx):
+    """GPU check part (o): the exported default network in onnxruntime's CUDA provider against
+    PyTorch on the card (fp32): max |dp| (target <= 1e-3), arg-max agreement, Mpx/s of both at
+    tile 512, batch 8. In ``--smoke``: the tiny network at tile 64 on CPU providers (checks the
+    code, not the card). Rows ``(what, value, target, met)`` as ``benchmarks/gpu.py`` takes them."""
     import onnxruntime as ort
 
+    smoke, dev = ctx.smoke, ctx.dev
     tile, n, batch = (64, 2, 2) if smoke else (512, 16, 8)
-    ckpt, path, summary = export_file(work, tile, tiny=smoke)
     if not smoke and "CUDAExecutionProvider" not in ort.get_available_providers():
-        table.add("g", "onnxruntime CUDA provider", f"not available in onnxruntime {ort.__version__} "
-                  f"({', '.join(ort.get_available_providers())}); install onnxruntime-gpu")
+        yield ("onnxruntime CUDA provider", f"not available in onnxruntime {ort.__version__} "
+               f"({', '.join(ort.get_available_providers())}); install onnxruntime-gpu", "", None)
         return
+    ckpt, path, summary = export_file(ctx.work, tile, tiny=smoke)
     r = throughput(ckpt, path, windows(n, tile), batch, 1 if smoke else 5, "cpu" if smoke else dev.type)
     net = "tiny" if smoke else "default"
-    table.add("g", f"onnxruntime {ort.__version__} ({r['providers'][0]}) vs PyTorch, exported {net} network, "
-              f"tile {tile}: max abs probability difference", f"{r['max_abs_diff']:.1e}; arg-max agreement "
-              f"{r['argmax_agreement']:.4%}", "<= 1e-3", r["max_abs_diff"] <= 1e-3)
-    table.add("g", f"throughput, batch {batch} (fp32)", f"onnxruntime {r['mpx_per_s']['onnxruntime']:.2f} Mpx/s, "
-              f"PyTorch {r['mpx_per_s']['torch']:.2f} Mpx/s (ratio {r['ratio']:.2f})")
+    yield (f"onnxruntime {ort.__version__} ({r['providers'][0]}) vs PyTorch, exported {net} network, "
+           f"tile {tile}: max abs probability difference", f"{r['max_abs_diff']:.1e}; arg-max agreement "
+           f"{r['argmax_agreement']:.4%}", "<= 1e-3", r["max_abs_diff"] <= 1e-3)
+    yield (f"throughput, batch {batch} (fp32)", f"onnxruntime {r['mpx_per_s']['onnxruntime']:.2f} Mpx/s, "
+           f"PyTorch {r['mpx_per_s']['torch']:.2f} Mpx/s (ratio {r['ratio']:.2f})", "", None)
 
 
 def main() -> int:
