@@ -219,6 +219,9 @@ def _train_cases(c: dict) -> None:
         {**yaml.safe_load(w.cfg.read_text()), "model": {**TINY_MODEL, "backbone_weights": str(w.bad / "evil.pt")}})
     ) and Case(["train", "-c", str(t / "c.yaml"), "--data", str(w.prepared), "--out", str(t / "r")],
                "evil.pt: refused to load: the file holds Python objects or code, not only weights (it calls", [t / "r"])
+    c["train-foreign-settings-yaml"] = lambda w, t: (t / "r").mkdir() or (t / "r" / "settings.yaml").write_text(
+        "train: {batch: 2}\n") and Case(_train(w, w.prepared, t / "r"), "settings.yaml",
+                                        unchanged=[t / "r" / "settings.yaml"])
     c["train-resume-changed-lr"] = lambda w, t: Case(
         _train(w, w.prepared, w.run, "--resume", str(w.run), "--lr", "0.001"), "train.lr 0.0001 -> 0.001",
         unchanged=[w.run / "last.pt", w.run / "settings.yaml"])
