@@ -405,3 +405,17 @@ def test_predict_removes_temporaries_a_killed_run_left(world, tmp_path):
     assert result.exit_code == 0, result.output[-2000:]
     names = sorted(p.name for p in out.iterdir())
     assert "scene_mask.tif" in names and not [n for n in names if ".part" in n], names
+
+
+def test_json_out_replaces_an_earlier_result_and_other_files_only_with_overwrite(tmp_path):
+    from cmdbnet.errors import CmdbError
+    from cmdbnet.evaluation import check_json_out
+
+    earlier, mine = tmp_path / "scores.json", tmp_path / "notes.json"
+    earlier.write_text(json.dumps({"protocol": {}, "mIoU": 0.5, "per_class": {}}))
+    mine.write_text(json.dumps({"mIoU": "my own notes"}))
+    assert check_json_out(earlier) == earlier and check_json_out(mine, overwrite=True) == mine
+    with pytest.raises(CmdbError, match="notes.json already exists .*--overwrite"):
+        check_json_out(mine)
+    with pytest.raises(CmdbError, match="is a folder"):
+        check_json_out(tmp_path, overwrite=True)
