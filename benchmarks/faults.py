@@ -16,8 +16,8 @@ Per case it checks:
 * finite: every checkpoint ever found holds only finite weights.
 
 Disk full (``--disk-full N`` cases): a command runs under a file size limit (``ulimit -f``,
-SIGXFSZ ignored, so a write past it fails with EFBIG as on a full disk) drawn between 1 kB and
-the largest file its reference run wrote. It must exit 0 (everything fitted) or 2 with one
+SIGXFSZ ignored, so a write past it fails with EFBIG as on a full disk) drawn log-uniformly
+between 1 kB and the largest file its reference run wrote. It must exit 0 (everything fitted) or 2 with one
 ``cmdb: error:`` line that says the disk is full; nothing unreadable under a final name; then
 the same command without the limit finishes with the reference's results.
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import resource
@@ -245,7 +246,7 @@ def run_disk_full(work: Path, n: int, rng: random.Random, refs: dict[str, Path],
     outcomes = []
     for i in range(n):
         name = ("prepare", "train", "predict")[i % 3]
-        limit = int(rng.uniform(1024, largest_file(refs[name])))
+        limit = int(math.exp(rng.uniform(math.log(1024), math.log(largest_file(refs[name])))))  # small files too
         o = case_disk_full(work, i, name, limit, refs[name], cmds[name])
         print(f"{name:8s} FSIZE   at {limit / 1024:8.1f} kB: clean {o.clean} traceback {o.traceback} partial "
               f"{len(o.partial)} identical {o.identical} finite {o.finite}/{o.checkpoints}", flush=True)

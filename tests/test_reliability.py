@@ -219,6 +219,9 @@ def _train_cases(c: dict) -> None:
         {**yaml.safe_load(w.cfg.read_text()), "model": {**TINY_MODEL, "backbone_weights": str(w.bad / "evil.pt")}})
     ) and Case(["train", "-c", str(t / "c.yaml"), "--data", str(w.prepared), "--out", str(t / "r")],
                "evil.pt: refused to load: the file holds Python objects or code, not only weights (it calls", [t / "r"])
+    c["train-foreign-settings-yaml"] = lambda w, t: (t / "r").mkdir() or (t / "r" / "settings.yaml").write_text(
+        "train: {batch: 2}\n") and Case(_train(w, w.prepared, t / "r"), "settings.yaml",
+                                        unchanged=[t / "r" / "settings.yaml"])
     c["train-resume-changed-lr"] = lambda w, t: Case(
         _train(w, w.prepared, w.run, "--resume", str(w.run), "--lr", "0.001"), "train.lr 0.0001 -> 0.001",
         unchanged=[w.run / "last.pt", w.run / "settings.yaml"])
@@ -429,3 +432,17 @@ def test_predict_removes_temporaries_a_killed_run_left(world, tmp_path):
     assert result.exit_code == 0, result.output[-2000:]
     names = sorted(p.name for p in out.iterdir())
     assert "scene_mask.tif" in names and not [n for n in names if ".part" in n], names
+
+
+def test_json_out_replaces_an_earlier_result_and_other_files_only_with_overwrite(tmp_path):
+    from cmdbnet.errors import CmdbError
+    from cmdbnet.evaluation import check_json_out
+
+    earlier, mine = tmp_path / "scores.json", tmp_path / "notes.json"
+    earlier.write_text(json.dumps({"protocol": {}, "mIoU": 0.5, "per_class": {}}))
+    mine.write_text(json.dumps({"mIoU": "my own notes"}))
+    assert check_json_out(earlier) == earlier and check_json_out(mine, overwrite=True) == mine
+    with pytest.raises(CmdbError, match="notes.json already exists .*--overwrite"):
+        check_json_out(mine)
+    with pytest.raises(CmdbError, match="is a folder"):
+        check_json_out(tmp_path, overwrite=True)

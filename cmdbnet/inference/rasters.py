@@ -182,7 +182,7 @@ def plan_outputs(files: list[Path], out: str | os.PathLike, s: PredictSettings,
             plan = {p: out / f"{f.stem}_{p}.tif" for p in products}
         plans.append(plan)
     _check_plan(files, plans)
-    foreign = [p for plan in plans for p in plan.values() if p.exists() and not _ours(p)]
+    foreign = [p for plan in plans for p in plan.values() if p.exists() and _foreign(p)]
     if foreign and not overwrite:
         raise CmdbError(f"output {foreign[0]} already exists and was not written by cmdb predict"
                         + (f" ({len(foreign)} such files)" if len(foreign) > 1 else "")
@@ -190,11 +190,15 @@ def plan_outputs(files: list[Path], out: str | os.PathLike, s: PredictSettings,
     return plans
 
 
-def _ours(path: Path) -> bool:
-    """A product of an earlier cmdb predict (its ``software`` tag), which a re-run may replace."""
+def _foreign(path: Path) -> bool:
+    """A raster that is not a product of cmdb predict (no ``software`` tag of ours): a user's image.
+
+    A file that does not open as a raster is not protected: it is what a truncated product of
+    ours looks like, and a re-run redoes it.
+    """
     try:
         with quiet_georef(), rasterio.open(path) as src:
-            return src.tags().get("software") == "cmdbnet"
+            return src.tags().get("software") != "cmdbnet"
     except (RasterioError, OSError):
         return False
 

@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from cmdbnet.data.manifest import read_manifest
 from cmdbnet.errors import CmdbError
 from cmdbnet.settings import DataSettings, Settings
@@ -68,6 +70,19 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     if held and not resume and not overwrite:
         raise CmdbError(f"{run_dir} already holds a run ({', '.join(held)}): continue it with --resume {run_dir}, "
                         "or start over with --overwrite")
+    mine = run_dir / RUN_FILES[2]
+    if mine.is_file() and not overwrite and not _run_settings(mine):
+        raise CmdbError(f"--out {run_dir}: {mine} is not the settings of a run (a config of yours?) and a run "
+                        "would replace it; choose another --out, or pass --overwrite")
+
+
+def _run_settings(path: Path) -> bool:
+    """Whether ``path`` is settings.yaml as a run writes it (every section), which a run may replace."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and {"data", "model", "train", "predict"} <= set(data)
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
