@@ -32,6 +32,7 @@ _COMMAND_MODULES = (
     "evaluate",
     "predict",
     "demo",
+    "ablation",
     "profile_vram",
     "count_params",
     "weights",
