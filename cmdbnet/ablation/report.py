@@ -146,7 +146,8 @@ def write_tables(out: Path, records: list[dict[str, Any]], protocol: dict[str, A
                  recipe: dict[str, Any], recipe_line: str) -> dict[str, Any]:
     """Write ablation.json, ablation.md and ablation.png under ``out``; return the JSON document."""
     rows = aggregate(records)
-    doc = {"protocol": protocol, "recipe": recipe, "entries": records, "table": rows,
+    doc = {"protocol": protocol, "protocol_text": protocol_line, "recipe": recipe, "recipe_text": recipe_line,
+           "entries": records, "table": rows,
            "files": {"markdown": str(out / "ablation.md"), "chart": str(out / "ablation.png")}}
     write_text_atomic(out / "ablation.json", json.dumps(doc, indent=2, default=str) + "\n")
     write_text_atomic(out / "ablation.md", markdown(rows, protocol_line, recipe_line))

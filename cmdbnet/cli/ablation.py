@@ -80,10 +80,29 @@ def ablation_command(
     if as_json:
         print_json(doc)
         return
-    from rich.markdown import Markdown
+    console.print(summary_table(doc))
+    console.print(doc["protocol_text"], style="dim", highlight=False)
+    console.print(f"per-class IoU, MACs, memory: {settings.train.out}/ablation.md; also ablation.json, ablation.png",
+                  highlight=False)
 
-    console.print(Markdown((Path(settings.train.out) / "ablation.md").read_text(encoding="utf-8")))
-    console.print(f"wrote {settings.train.out}/ablation.json, ablation.md, ablation.png", highlight=False)
+
+def summary_table(doc: dict):
+    """The headline columns of ablation.md (percent; mean ± std over seeds)."""
+    from rich.table import Table
+
+    def pct(s: dict) -> str:
+        if s["mean"] is None:
+            return "-"
+        return f"{100 * s['mean']:.1f}" + (f" ± {100 * s['std']:.1f}" if s["std"] is not None else "")
+
+    table = Table(title="ablation on the test split")
+    for col in ("entry", "mIoU", "OA", "mF1", "Boundary IoU", "Δ mIoU", "params", "train"):
+        table.add_column(col, justify="left" if col == "entry" else "right")
+    for r in doc["table"]:
+        delta = "-" if r["delta_mIoU"] is None or r["name"] == "full" else f"{100 * r['delta_mIoU']:+.1f}"
+        table.add_row(r["label"], *(pct(r[k]) for k in ("mIoU", "OA", "mF1", "boundary_iou")), delta,
+                      f"{r['params'] / 1e6:.1f} M", f"{r['train_seconds']['mean']:.0f} s")
+    return table
 
 
 def register(app: typer.Typer) -> None:
