@@ -174,7 +174,7 @@ def test_ablation_under_torchrun_two_ranks(prepared_potsdam, tmp_path):
            "--variants", "cnn_only", "--batch", "2", "--accum", "1", "--max-steps", "1", "--device", "cpu",
            "--no-amp", "--json"]
     proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert [e["name"] for e in doc["entries"]] == ["cnn_only"] and proc.stdout.count('"entries"') == 1

@@ -57,7 +57,10 @@ def protocol_text(p: dict[str, Any]) -> str:
     return (f"Protocol: {p.get('dataset')} {p.get('bands')}, split {p.get('split')}, checkpoint best.pt of each run "
             f"(chosen on val), means over {', '.join(p.get('included_in_means', []))}, labels "
             f"{'eroded' if p.get('eroded_labels') else 'full'}, ignore index {p.get('ignore_index')}, OA over all "
-            f"classes, boundary {p.get('boundary_dilation')}, TTA {p.get('tta')}.")
+            f"classes, boundary {p.get('boundary_dilation')}, TTA {p.get('tta')}."
+            + (" Boundary IoU is not informative on eroded labels: every class edge there is ignored, and ignored "
+               "pixels never form a contour; prepare with full labels to score boundaries."
+               if p.get("eroded_labels") else ""))
 
 
 def recipe_text(s: Settings, seeds: list[int]) -> str:
