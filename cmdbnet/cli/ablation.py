@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Optional
@@ -69,11 +70,15 @@ def ablation_command(
     if settings.data.prepared is None:
         raise CmdbError("no prepared data: pass --data PREPARED (the output folder of cmdb prepare)")
     read_manifest(settings.data.prepared)
+    chosen = _split(baselines, ())
+    if chosen and importlib.util.find_spec("segmentation_models_pytorch") is None:
+        raise CmdbError("the baselines (unet, deeplabv3plus, segformer) need segmentation_models_pytorch, which is "
+                        "not installed: pip install 'cmdbnet[baselines]' (segmentation-models-pytorch)")
     from cmdbnet.ablation import ablation  # here, not at the top: torch loads only once the inputs are checked
 
     main = int(os.environ.get("RANK", "0")) == 0
     log = (lambda msg: err_console.print(msg, highlight=False)) if main else None
-    doc = ablation(settings, _split(variants, VARIANTS), _split(baselines, ()), seeds, ignore_clutter,
+    doc = ablation(settings, _split(variants, VARIANTS), chosen, seeds, ignore_clutter,
                    progress=not as_json and main, log=log)
     if doc is None:
         return
