@@ -135,7 +135,8 @@ def run_dataset(name: str, samples: Path, work: Path, steps: int) -> dict[str, A
 def results_markdown(results: list[dict[str, Any]], steps: int, total: float) -> str:
     names = [e["name"] for e in results[0]["entries"]]
     lines = [MARK_START,
-             "## Held-out accuracy on real pixels (issue 22): `python benchmarks/accuracy.py ../shared/samples`",
+             "## Held-out accuracy on real pixels (issue 22): "
+             "`OMP_NUM_THREADS=1 nice python benchmarks/accuracy.py PATH_TO_SAMPLES`",
              "",
              f"CPU budget: every entry trains {steps} optimizer steps of {BATCH} crops of {CROP} x {CROP} px "
              f"(AdamW lr 1e-3, cosine, 2 warm-up steps, fp32, seed 0), from random init (no ImageNet weights "
