@@ -59,12 +59,13 @@ def recipe(steps: int) -> dict[str, Any]:
                       "seed": 0}}
 
 
-def _read(path: Path) -> tuple[np.ndarray, dict]:
+def _read(path: Path) -> np.ndarray:
     with rasterio.open(path) as ds:
-        return ds.read(), {"driver": "GTiff", "dtype": ds.dtypes[0], "count": ds.count}
+        return ds.read()
 
 
-def _write_tif(path: Path, array: np.ndarray, profile: dict) -> None:
+def _write_tif(path: Path, array: np.ndarray) -> None:
+    """A plain GeoTIFF without georeferencing, as the ISPRS samples come."""
     path.parent.mkdir(parents=True, exist_ok=True)
     c, h, w = array.shape
     with rasterio.open(path, "w", driver="GTiff", height=h, width=w, count=c, dtype=array.dtype) as ds:
@@ -74,18 +75,18 @@ def _write_tif(path: Path, array: np.ndarray, profile: dict) -> None:
 def isprs_raw(samples: Path, out: Path, dataset: str) -> None:
     """Potsdam or Vaihingen sample split by rows into train/val/test tiles of the pre-split layout."""
     if dataset == "potsdam":
-        image, _ = _read(samples / "potsdam/top_potsdam_2_10_RGB.tif")
-        label, _ = _read(samples / "potsdam/top_potsdam_2_10_label_noBoundary.tif")
+        image = _read(samples / "potsdam/top_potsdam_2_10_RGB.tif")
+        label = _read(samples / "potsdam/top_potsdam_2_10_label_noBoundary.tif")
         ids = {"train": "2_10", "val": "2_11", "test": "2_12"}
         img_name, lab_name, img_dir = "top_potsdam_{}_RGB.tif", "top_potsdam_{}_label_noBoundary.tif", "RGB"
     else:
-        image, _ = _read(samples / "vaihingen/top_mosaic_09cm_area1.tif")
-        label, _ = _read(samples / "vaihingen/top_mosaic_09cm_area1_noBoundary.tif")
+        image = _read(samples / "vaihingen/top_mosaic_09cm_area1.tif")
+        label = _read(samples / "vaihingen/top_mosaic_09cm_area1_noBoundary.tif")
         ids = {"train": "1", "val": "3", "test": "5"}
         img_name, lab_name, img_dir = "top_mosaic_09cm_area{}.tif", "top_mosaic_09cm_area{}_noBoundary.tif", "top"
     for split, (r0, r1) in ISPRS_ROWS.items():
-        _write_tif(out / img_dir / split / img_name.format(ids[split]), image[:, r0:r1], {})
-        _write_tif(out / "Label_noBoundary" / split / lab_name.format(ids[split]), label[:, r0:r1], {})
+        _write_tif(out / img_dir / split / img_name.format(ids[split]), image[:, r0:r1])
+        _write_tif(out / "Label_noBoundary" / split / lab_name.format(ids[split]), label[:, r0:r1])
 
 
 def loveda_raw(samples: Path, out: Path) -> None:
@@ -115,6 +116,7 @@ def _cmdb(*args: str) -> subprocess.CompletedProcess:
 
 
 def run_dataset(name: str, samples: Path, work: Path, steps: int) -> dict[str, Any]:
+    """Split, prepare and run the ablation on one dataset; its entries, crop counts and wall time."""
     raw, prepared, runs = work / f"{name}-raw", work / f"{name}-prepared", work / f"{name}-runs"
     (loveda_raw(samples, raw) if name == "loveda" else isprs_raw(samples, raw, name))
     eroded = ["--eroded"] if name != "loveda" else []
