@@ -14,6 +14,7 @@ _EXPORTS = {
     "synth": "cmdbnet.data.synthetic",
     "prepare": "cmdbnet.data.preparation",
     "train": "cmdbnet.api",
+    "ablation": "cmdbnet.ablation",
     "evaluate": "cmdbnet.evaluation",
     "predict": "cmdbnet.inference.files",
     "export": "cmdbnet.export",  # the package itself, which is callable: cmdbnet.export(run, "model.onnx")

@@ -83,7 +83,8 @@ def score_loader(model: torch.nn.Module, loader, metrics: SegmentationMetrics, d
                 on_batch(image.shape[0])
     finally:
         net.train(was_training)
-    metrics.all_reduce()
+    if dist_info.enabled:  # one rank scoring alone inside a process group (as the ablation's rank 0) must not wait
+        metrics.all_reduce()
     return Scored(metrics.compute(), preview)
 
 

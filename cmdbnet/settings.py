@@ -69,11 +69,14 @@ class DataSettings(_Section):
 
 Variant = Literal["full", "cnn_only", "mamba_only", "no_fusion", "no_boundary"]
 VARIANTS: tuple[str, ...] = get_args(Variant)  # the ablation variants, for help texts and checks
+Arch = Literal["cmdbnet", "unet", "deeplabv3plus", "segformer"]
+BASELINES: tuple[str, ...] = get_args(Arch)[1:]  # comparison networks from segmentation_models_pytorch
 
 
 class ModelSettings(_Section):
     """What network is built; stored in every checkpoint so predict can rebuild it."""
 
+    arch: Arch = Field("cmdbnet", description="the network: cmdbnet, or a baseline (cmdbnet[baselines])")
     variant: Variant = "full"
     backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet34"
     pretrained: Literal["auto", "required", "off"] = Field(

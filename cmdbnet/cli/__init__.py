@@ -34,6 +34,7 @@ _COMMAND_MODULES = (
     "predict",
     "export",
     "demo",
+    "ablation",
     "profile_vram",
     "count_params",
     "weights",

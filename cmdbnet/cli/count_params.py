@@ -24,6 +24,7 @@ def count_params_command(
     config: Optional[Path] = ConfigOption,
     crop: Optional[int] = typer.Option(None, "--crop", help="Square input size in pixels [default: data.crop, 256]."),
     variant: Optional[str] = typer.Option(None, "--variant", help=f"Ablation variant: {', '.join(VARIANTS)}."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="cmdbnet, or a baseline: unet, deeplabv3plus, segformer."),
     as_json: bool = JsonFlag,
 ) -> None:
     """Parameters and multiply-adds (inference, one image) per module of the network.
@@ -33,6 +34,8 @@ def count_params_command(
       cmdb count-params
 
       cmdb count-params --crop 512 --variant no_boundary --json
+
+      cmdb count-params -c runs/ablation/unet/settings.yaml
     """
     from cmdbnet.errors import CmdbError
     from cmdbnet.models import build_model
@@ -40,7 +43,7 @@ def count_params_command(
 
     if variant is not None and variant not in VARIANTS:
         raise CmdbError(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)}")
-    settings = settings_from(config, model={"variant": variant}, data={"crop": crop})
+    settings = settings_from(config, model={"variant": variant, "arch": arch}, data={"crop": crop})
     # Counting needs no pretrained weights: never warn about, or read, a weights file here.
     model_settings = settings.model.model_copy(update={"pretrained": "off", "backbone_weights": None})
     model = build_model(model_settings)
@@ -51,7 +54,8 @@ def count_params_command(
 
     from rich.table import Table
 
-    table = Table(title=f"cmdbnet {report['variant']}: parameters and multiply-adds at "
+    name = settings.model.arch if settings.model.arch != "cmdbnet" else f"cmdbnet {report['variant']}"
+    table = Table(title=f"{name}: parameters and multiply-adds at "
                         f"{report['crop']} x {report['crop']} (inference)")
     for col in ("module", "params", "MACs", "design params", "design MACs"):
         table.add_column(col, justify="left" if col == "module" else "right")
@@ -59,7 +63,7 @@ def count_params_command(
     for name, row in rows:
         claim = DESIGN_BUDGET.get(name)
         spec = (_m(claim[0]), _g(claim[1])) if claim and report["crop"] == 256 else ("-", "-")
-        table.add_row(LABELS[name], _m(row["params"]), _g(row["macs"]), *spec, end_section=name == "heads")
+        table.add_row(LABELS.get(name, name), _m(row["params"]), _g(row["macs"]), *spec, end_section=name == "heads")
     console.print(table)
     console.print("MACs = FLOPs / 2 of convolutions, matmuls and attention (FlopCounterMode) plus the selective "
                   "scan (scan_macs); auxiliary heads count parameters only (they run in training). "

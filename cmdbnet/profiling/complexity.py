@@ -32,9 +32,15 @@ DESIGN_BUDGET = {"cnn_branch": (21.3e6, 3.6e9), "mamba_branch": (8.5e6, 2.1e9), 
                "boundary_refinement": (1.8e6, 0.4e9), "heads": None, "total": (34.8e6, 6.9e9)}
 
 
-def _owner(fqn: str) -> str | None:
-    top = fqn.split(".", 1)[0]
-    return next((name for name, attr in MODULES.items() if attr == top), None)
+def _owner(fqn: str, modules: dict[str, str] = MODULES) -> str | None:
+    return next((name for name, attr in modules.items() if fqn == attr or fqn.startswith(attr + ".")), None)
+
+
+def _sub(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def count_complexity(model: nn.Module, crop: int = 256, in_channels: int = 3, variant: str | None = None
@@ -42,24 +48,26 @@ def count_complexity(model: nn.Module, crop: int = 256, in_channels: int = 3, va
     """Parameters and inference MACs per module of ``model`` at a ``crop`` x ``crop`` input.
 
     Returns ``{"crop", "variant", "modules": {name: {"params", "macs"}}, "total": {...}}`` with
-    ``name`` in :data:`MODULES`; totals are the sums of the modules.
+    ``name`` in :data:`MODULES`, or in the model's own ``complexity_modules`` (report name ->
+    submodule path, as the baselines declare); totals are the sums of the modules.
     """
+    mods = getattr(model, "complexity_modules", MODULES)
     if crop < 1:
         raise CmdbError(f"crop must be positive, got {crop}")
     modules: dict[str, dict[str, int]] = {}
-    for name, attr in MODULES.items():
-        sub = getattr(model, attr, None)
+    for name, attr in mods.items():
+        sub = _sub(model, attr)
         modules[name] = {"params": sum(p.numel() for p in sub.parameters()) if sub is not None else 0, "macs": 0}
     outside = sum(p.numel() for p in model.parameters()) - sum(m["params"] for m in modules.values())
     if outside:
-        raise CmdbError(f"{outside} parameters sit outside the modules {', '.join(MODULES.values())}")
+        raise CmdbError(f"{outside} parameters sit outside the modules {', '.join(mods.values())}")
 
     scans = {f"{type(model).__name__}.{fqn}": fqn for fqn, m in model.named_modules() if isinstance(m, SelectiveScan)}
-    scan_extra: dict[str, int] = {name: 0 for name in MODULES}
+    scan_extra: dict[str, int] = {name: 0 for name in mods}
 
     def record(fqn: str):
         def hook(module, args, kwargs, _out):
-            scan_extra[_owner(fqn)] += module.macs(args, kwargs)
+            scan_extra[_owner(fqn, mods)] += module.macs(args, kwargs)
         return hook
 
     handles = [m.register_forward_hook(record(fqn), with_kwargs=True)
@@ -79,8 +87,8 @@ def count_complexity(model: nn.Module, crop: int = 256, in_channels: int = 3, va
     counts = counter.get_flop_counts()
     flops = {key: sum(ops.values()) for key, ops in counts.items()}
     root = type(model).__name__
-    for name, attr in MODULES.items():
-        inside_scans = sum(flops.get(key, 0) for key, fqn in scans.items() if _owner(fqn) == name)
+    for name, attr in mods.items():
+        inside_scans = sum(flops.get(key, 0) for key, fqn in scans.items() if _owner(fqn, mods) == name)
         modules[name]["macs"] = (flops.get(f"{root}.{attr}", 0) - inside_scans) // 2 + scan_extra[name]
     total = {"params": sum(m["params"] for m in modules.values()), "macs": sum(m["macs"] for m in modules.values())}
     return {"crop": crop, "variant": variant if variant is not None else getattr(model, "variant", None),

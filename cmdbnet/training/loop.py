@@ -372,7 +372,8 @@ class Trainer:
                            self.micro_batch, self.accum, history)
 
     def describe(self) -> str:
-        return (f"{self.settings.model.variant} on {self.device} | {self.precision.label} | micro-batch "
+        m = self.settings.model
+        return (f"{m.variant if m.arch == 'cmdbnet' else m.arch} on {self.device} | {self.precision.label} | micro-batch "
                 f"{self.micro_batch} x accum {self.accum} x {self.dist.world_size} rank(s) | "
                 f"crop {self.settings.data.crop} | {self.total_steps} steps")
 
