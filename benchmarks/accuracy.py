@@ -223,6 +223,20 @@ def gpu_step_times(crop: int = 256, batch: int = 8, steps: int = 5, device: str 
     return out
 
 
+def gpu_rows(ctx):
+    """GPU check part (x): one ablation training step per entry on the card (fp16 AMP, batch 8,
+    crop 256); in ``--smoke`` two entries at tiny sizes on CPU. Rows as ``benchmarks/gpu.py`` takes them."""
+    if ctx.smoke:
+        rows = gpu_step_times(crop=32, batch=2, steps=1, device="cpu", entries=("cnn_only", "unet"))
+    else:
+        rows = gpu_step_times(device=str(ctx.dev))
+    full = next((r["seconds"] for r in rows if r["entry"] == "full"), None)
+    for r in rows:
+        rel = f"; {r['seconds'] / full:.2f}x full" if full else ""
+        yield (f"ablation entry `{r['entry']}`: training step", f"{1e3 * r['seconds']:.0f} ms, "
+               f"{r['images_per_s']:.1f} img/s{rel}", "", None)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("samples", type=Path, help="folder of the sample crops (potsdam/, vaihingen/, loveda/)")

@@ -13,7 +13,8 @@ Parts (each row of the table names its part; ``--parts`` picks some, e.g. ``--pa
   d  ``cmdb profile-vram``'s estimate against the measured peak for three recipes;
   e  ``cmdb predict`` throughput on a generated 4096 x 4096 GeoTIFF, tiled against one window;
   f  ``cmdb demo`` wall time;
-  o  the exported ONNX file in onnxruntime's CUDA provider against PyTorch (``export.py``).
+  o  the exported ONNX file in onnxruntime's CUDA provider against PyTorch (``export.py``);
+  x  one training step of every ablation entry, baselines included (``accuracy.py``).
 Targets on a card: (a) <= 1e-4; the scan <= 15% of a training step; ours / U-Net <= 1.5 in fp16;
 (d) within 15%. No downloads. The plan (``PARTS``' seconds) fits 8 minutes with a fresh
 machine's warm-up; a part that would not fit is skipped with a row saying so.
@@ -72,6 +73,7 @@ PARTS = {
     "e": ("gpu_parts:predict_throughput", 45, "predict"),
     "f": ("gpu_parts:demo_time", 80, "demo"),
     "o": ("export:cuda_rows", 60, "ONNX export in onnxruntime's CUDA provider"),
+    "x": ("accuracy:gpu_rows", 60, "ablation step per entry"),
 }
 SMOKE_SKIPS = {"k": "compile table: run tests/models/triton_compile.py (no GPU needed, about a minute)"}
 
