@@ -56,7 +56,8 @@ def test_a_full_disk_while_writing_the_mosaic_is_one_line_and_a_rerun_writes_it(
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("cmdb: error:")]
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert len(errors) == 1 and errors[0].startswith(f"cmdb: error: disk full writing {out / 'mosaic.vrt'}"), errors
-    assert sorted(p.name for p in out.iterdir()) == ["a_mask.tif", "b_mask.tif", "predict_summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["a_mask.qml", "a_mask.tif", "b_mask.qml", "b_mask.tif",
+                                                    "predict_summary.json"]  # each mask with its QGIS style
     summary = json.loads((out / "predict_summary.json").read_text())
     assert summary["mosaic"] is None and "mosaic.vrt" in summary["error"]
     again = CliRunner().invoke(app, args)  # the limit lifted: the masks are skipped, the mosaic written
