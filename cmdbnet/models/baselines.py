@@ -25,9 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from cmdbnet import weights as imagenet
 from cmdbnet.errors import CmdbError
-from cmdbnet.models.cnn import _adapt_stem, _read_state_dict
+from cmdbnet.models.cnn import _adapt_stem, imagenet_state
 from cmdbnet.models.net import STRIDE, _crop, _pad_to
 
 __all__ = ["BaselineNet", "build_baseline", "check_installed", "SEGFORMER_ENCODER", "EXTRA"]
@@ -71,28 +70,9 @@ class BaselineNet(nn.Module):
 
 def _imagenet_state(name: str, pretrained: str, weights: Path | None) -> tuple[dict | None, str]:
     """The torchvision state dict the settings ask for, and where it came from (None: random)."""
-    if weights is not None:
-        path = Path(weights).expanduser()
-        return _read_state_dict(path), str(path)
-    if pretrained == "off":
-        return None, "random"
-    cached, why = imagenet.cached_file(name), ""
-    if not cached.is_file():
-        try:
-            imagenet.fetch(name, timeout=imagenet.AUTO_TIMEOUT_S)
-        except CmdbError as exc:
-            why = f" ({exc})"
-    if cached.is_file():
-        return _read_state_dict(cached), str(cached)
-    advice = (f"cmdb weights fetch {name} (or copy {imagenet.weights_url(name)} into {cached.parent}/), "
-              f"or set model.backbone_weights")
-    if pretrained == "required":
-        raise CmdbError(f"ImageNet weights for {name} are not cached and could not be downloaded{why}; "
-                        f"model.pretrained=required: {advice}")
-    warnings.warn(f"BASELINE ENCODER IS RANDOM: ImageNet weights for {name} not cached and not downloaded{why}; "
-                  f"a baseline without them scores far below its published figures: {advice}; "
-                  "model.pretrained=off silences this", UserWarning, stacklevel=3)
-    return None, "random"
+    return imagenet_state(name, pretrained, weights, lambda why, advice: (
+        f"BASELINE ENCODER IS RANDOM: ImageNet weights for {name} not cached and not downloaded{why}; a baseline "
+        f"without them scores far below its published figures: {advice}; model.pretrained=off silences this"))
 
 
 def _load_encoder(encoder: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

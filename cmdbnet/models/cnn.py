@@ -35,6 +35,36 @@ def hub_weights_file(name: str) -> Path:
     return imagenet.cached_file(name)
 
 
+def imagenet_state(name: str, pretrained: str, weights: str | Path | None,
+                   random_warning) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """The torchvision ImageNet state dict of ``name`` the settings ask for, and where it came from.
+
+    ``weights``: a local file (always used); else ``pretrained`` off -> (None, "random"); auto ->
+    the cached file, fetched once if missing, else the warning ``random_warning(why, advice)``;
+    required -> the file or an error. One rule for our CNN branch and the baselines' encoders.
+    """
+    if weights is not None:
+        path = Path(weights).expanduser()
+        return _read_state_dict(path), str(path)
+    if pretrained == "off":
+        return None, "random"
+    cached, why = hub_weights_file(name), ""
+    if not cached.is_file():
+        try:
+            imagenet.fetch(name, timeout=imagenet.AUTO_TIMEOUT_S)
+        except CmdbError as exc:
+            why = f" ({exc})"
+    if cached.is_file():
+        return _read_state_dict(cached), str(cached)
+    advice = (f"download {imagenet.weights_url(name)} into {cached.parent}/ (cmdb weights fetch {name}, then copy "
+              f"the file) or set model.backbone_weights to a local {name} state dict")
+    if pretrained == "required":
+        raise CmdbError(f"ImageNet weights for {name} are not cached ({cached} missing) and could not "
+                        f"be downloaded{why}; model.pretrained=required: {advice}")
+    warnings.warn(random_warning(why, advice), UserWarning, stacklevel=4)
+    return None, "random"
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CmdbError(f"backbone weights not found: {path}")
@@ -106,32 +136,12 @@ class ResNetEncoder(nn.Module):
 
     def _init_weights(self, pretrained: str, weights: str | Path | None) -> str:
         """Load weights as the settings ask; return where they came from ("random" if nowhere)."""
-        if weights is not None:
-            path = Path(weights).expanduser()
-            load_backbone_state(self, _read_state_dict(path), str(path))
-            return str(path)
-        if pretrained == "off":
-            return "random"
-        cached = hub_weights_file(self.name)
-        why = ""
-        if not cached.is_file():
-            try:
-                imagenet.fetch(self.name, timeout=imagenet.AUTO_TIMEOUT_S)
-            except CmdbError as exc:
-                why = f" ({exc})"
-        if cached.is_file():
-            load_backbone_state(self, _read_state_dict(cached), str(cached))
-            return str(cached)
-        url = imagenet.weights_url(self.name)
-        advice = (f"download {url} into {cached.parent}/ (cmdb weights fetch {self.name}, then copy the file) "
-                  f"or set model.backbone_weights to a local {self.name} state dict")
-        if pretrained == "required":
-            raise CmdbError(f"ImageNet weights for {self.name} are not cached ({cached} missing) and could not "
-                            f"be downloaded{why}; model.pretrained=required: {advice}")
-        warnings.warn(f"ImageNet weights for {self.name} not cached and not downloaded{why}; the CNN branch "
-                      f"starts from random init (expect lower accuracy): {advice}, or set model.pretrained=off "
-                      "to silence this", UserWarning, stacklevel=2)
-        return "random"
+        state, source = imagenet_state(self.name, pretrained, weights, lambda why, advice: (
+            f"ImageNet weights for {self.name} not cached and not downloaded{why}; the CNN branch starts from "
+            f"random init (expect lower accuracy): {advice}, or set model.pretrained=off to silence this"))
+        if state is not None:
+            load_backbone_state(self, state, source)
+        return source
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x)))))

@@ -22,8 +22,10 @@ def test_resnet_encoder_loads_the_same_torchvision_file_as_our_cnn_branch(tmp_pa
     assert isinstance(net, BaselineNet) and net.weights_source == str(path)
     enc = net.net.encoder.state_dict()
     assert torch.equal(enc["layer3.1.conv2.weight"], state["layer3.1.conv2.weight"])
-    # RGB stem cycled to 4 bands and rescaled by 3/4, as for the CNN branch
-    assert torch.allclose(enc["conv1.weight"][:, 3], state["conv1.weight"][:, 0] * 0.75)
+    # RGB filters kept, the fourth band from their mean, all rescaled by 3/4, as for the CNN branch
+    rgb = state["conv1.weight"][:, :3]
+    assert torch.allclose(enc["conv1.weight"][:, :3], rgb * 0.75)
+    assert torch.allclose(enc["conv1.weight"][:, 3], rgb.mean(1) * 0.75)
     out = net.train()(torch.randn(2, 4, 70, 90))
     assert out["seg"].shape == (2, 6, 70, 90) and out["aux"] == [] and out["boundary"] is None
 

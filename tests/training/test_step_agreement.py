@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import cmdbnet.training.loop as loop
 from cmdbnet import runtime
@@ -25,6 +24,9 @@ from cmdbnet.runtime import Precision, configure_cuda
 from cmdbnet.settings import TrainSettings, load_settings
 from cmdbnet.training.loop import Trainer
 from cmdbnet.training.step import run_step_group
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from launches import SyncCounter  # noqa: E402  (the counter benchmarks/launches.py --syncs reports with)
 
 TINY_MODEL = {"backbone": "resnet18", "pretrained": "off", "mamba_depths": [1, 1, 1, 1], "d_state": 4,
               "fusion_channels": 32, "drop_path": 0.1}  # as in test_train.py
@@ -117,25 +119,6 @@ def test_oom_inside_a_forward_frees_its_activations_before_the_retry(prepared_po
     assert (result.micro_batch, result.accum, result.steps) == (1, 2, 1)
 
 
-SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero"}
-READS = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu")
-
-
-class SyncCounter(TorchDispatchMode):
-    """Host syncs a CUDA run would make: aten ops that read a value back, and Python-level reads."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.n, self.paused = 0, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        bool_index = name == "index" and any(i is not None and i.dtype == torch.bool for i in args[1])
-        if not self.paused and (name in SYNC_OPS or bool_index):
-            self.n += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_host_syncs_per_optimizer_step_are_at_most_two_whatever_the_accumulation(prepared_potsdam, tmp_path,
                                                                                    monkeypatch):
     calls = []
@@ -143,18 +126,7 @@ def test_host_syncs_per_optimizer_step_are_at_most_two_whatever_the_accumulation
     trainer = Trainer(tiny_settings(prepared_potsdam, tmp_path / "run", batch=1, max_steps=3, tf32=False),
                       progress=False)
     assert calls == [("cpu", False)]  # the setting reaches the CUDA configuration
-    counter = SyncCounter()
-    for name in READS:  # reads that never dispatch on CPU tensors (tolist, numpy) count here
-        real = getattr(torch.Tensor, name)
-
-        def counted(self, *a, _real=real, **k):
-            counter.n += not counter.paused
-            counter.paused += 1
-            try:
-                return _real(self, *a, **k)
-            finally:
-                counter.paused -= 1
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    counter = SyncCounter()  # counts Python-level reads (tolist, numpy) too while entered
 
     class Paused:  # the sampler and the dataset run on the host in a CUDA run too
         def __init__(self, inner):
