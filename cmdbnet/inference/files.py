@@ -35,17 +35,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
-from cmdbnet.checkpoint import load_model, resolve_checkpoint
+from cmdbnet.checkpoint import resolve_checkpoint
 from cmdbnet.errors import CmdbError
 from cmdbnet.inference.compiled import compile_predictor
 from cmdbnet.inference.gis import reference_crs, same_crs, write_vrt
-from cmdbnet.inference.onnx_runner import is_onnx, load_onnx_model
+from cmdbnet.inference.network import load_network, load_predictor_model
 from cmdbnet.inference.rasters import (
     OUTPUT_EXTS,
-    ModelMeta,
     check_input,
     check_output_outside_inputs,
     expand_inputs,
@@ -77,36 +75,6 @@ LARGE_RUN_WINDOWS = 5_000  # from this many windows on, say so before starting
 
 class PredictNote(UserWarning):
     """Something a run left out on purpose (a raster outside the mosaic's CRS, ...)."""
-
-
-def load_predictor_model(checkpoint: str | os.PathLike, device: torch.device):
-    """Network, metadata and its output layout (classes K, boundary head) from a checkpoint.
-
-    A probe forward on a small input checks that the network's K matches the class list
-    stored beside it, so a mismatched checkpoint fails here and not after an hour of work.
-    """
-    path = resolve_checkpoint(checkpoint)
-    try:
-        model, ckpt = load_model(path, device)
-    except CmdbError:
-        raise
-    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CmdbError(f"{path}: cannot rebuild the network from this checkpoint ({first[:200]})") from None
-    meta = ModelMeta.from_checkpoint(ckpt, path)
-    probe = torch.zeros((1, meta.band_count, 64, 64), device=device)
-    try:
-        probs, bnd = forward_tta(model, probe, "none")
-    except CmdbError:  # the scan backend cannot run here (CMDB_SCAN_BACKEND): its own message
-        raise
-    except RuntimeError as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CmdbError(f"{path}: the network does not run on {meta.band_count}-band input ({first})") from None
-    if probs.shape[1] != len(meta.classes):
-        raise CmdbError(f"{path}: the network predicts {probs.shape[1]} classes but the checkpoint "
-                        f"names {len(meta.classes)}")
-    return model, ckpt, meta, bnd is not None
-
 
 
 def _on_main(info: DistInfo, fn) -> None:
@@ -176,16 +144,8 @@ class _Run:
         self.progress, self.overwrite = progress and dinfo.is_main, overwrite
         self.device = pick_device(s.device, dinfo.local_rank)
         self.ckpt_path = resolve_checkpoint(checkpoint)
-        if is_onnx(self.ckpt_path):  # an exported model: onnxruntime behind the same windows (onnx_runner)
-            self.model, self.meta, raw = load_onnx_model(self.ckpt_path, s.device)
-            ckpt, has_boundary = {"settings": {"model": {"variant": raw.get("variant", "?")}}}, raw["boundary_output"]
-            s = self.s = s.model_copy(update={"tile": int(raw["tile"]), "amp": False, "compile": False})
-        else:
-            self.model, ckpt, self.meta, has_boundary = load_predictor_model(self.ckpt_path, self.device)
-        if s.boundary and not has_boundary:
-            variant = (ckpt.get("settings") or {}).get("model", {}).get("variant", "?")
-            raise CmdbError(f"{self.ckpt_path}: this network (variant {variant}) has no boundary "
-                            f"{'output (export with --boundary)' if is_onnx(self.ckpt_path) else 'head'}; drop --boundary")
+        self.model, self.meta, s = load_network(self.ckpt_path, s, self.device)
+        self.s = s
         self.predictor = StripPredictor(self.model, self.meta.mean, self.meta.std, s.tile, s.overlap, s.tta,
                                         s.batch, self.device, s.amp, boundary=s.boundary, probs=s.probs)
         self.vector: Path | None = None
