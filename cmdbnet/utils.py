@@ -257,3 +257,17 @@ def quiet_libtiff() -> bool:
     setter.restype, setter.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
     setter(None)
     return True
+
+
+def callable_package(name: str, fn) -> None:
+    """Make package ``name`` callable as ``fn``: ``cmdbnet.export(...)`` and ``cmdbnet.ablation(...)``
+    mirror their commands although the name is also the package's (whose import would shadow a
+    plain function of that name on ``cmdbnet``)."""
+    import sys
+    import types
+
+    class _Callable(types.ModuleType):
+        def __call__(self, *args, **kwargs):
+            return fn(*args, **kwargs)
+
+    sys.modules[name].__class__ = _Callable

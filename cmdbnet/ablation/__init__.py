@@ -38,6 +38,7 @@ from cmdbnet.errors import CmdbError
 from cmdbnet.models.baselines import check_installed
 from cmdbnet.runtime import barrier, init_distributed
 from cmdbnet.settings import BASELINES, VARIANTS, Settings
+from cmdbnet.utils import callable_package
 
 __all__ = ["ablation", "LABELS", "ENTRY_FILE"]
 
@@ -151,9 +152,4 @@ def ablation(settings: Settings, variants: list[str] | tuple[str, ...] = VARIANT
                         recipe_text(settings, seed_list))
 
 
-class _CallableModule(types.ModuleType):
-    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
-        return ablation(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+callable_package(__name__, ablation)

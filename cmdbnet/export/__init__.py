@@ -7,19 +7,9 @@ kept. The package is callable, ``cmdbnet.export(run, "model.onnx")``, mirroring 
 
 from __future__ import annotations
 
-import sys
-import types
-
 from cmdbnet.export.onnx import export
+from cmdbnet.utils import callable_package
 
 __all__ = ["export"]
 
-
-class _CallablePackage(types.ModuleType):
-    """``cmdbnet.export`` is this package and the function at once: the public API mirrors the CLI."""
-
-    def __call__(self, *args, **kwargs):
-        return export(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallablePackage
+callable_package(__name__, export)
