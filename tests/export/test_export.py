@@ -189,7 +189,7 @@ def test_export_mode_takes_plain_ops_only(monkeypatch):
     from cmdbnet.models import depthwise, fusion, vss
     from cmdbnet.models.exporting import exporting
     from cmdbnet.models.scan import native, selective_scan
-    from cmdbnet.models.scan.parallel import export_scan
+    from cmdbnet.models.scan.parallel import _export_states, export_scan, linear_scan
 
     torch.manual_seed(0)
     u, dt = torch.randn(2, 8, 100), torch.randn(2, 8, 100)
@@ -197,6 +197,10 @@ def test_export_mode_takes_plain_ops_only(monkeypatch):
         torch.randn(8)
     ref = selective_scan(u, dt, A, B, C, D, delta_bias=bias, delta_softplus=True)
     assert (export_scan(u, dt, A, B, C, D, bias) - ref).abs().max() <= 1e-5 * ref.abs().max()
+    for length in (7, 8, 64, 72, 512, 4096):  # whole, one chunk, chunks, chunks of chunks, an uneven split
+        a, x = torch.rand(2, 3, length) * 0.2 + 0.8, torch.randn(2, 3, length)
+        want = linear_scan(a.double(), x.double())
+        assert (_export_states(a, x) - want).abs().max() <= 1e-5 * want.abs().max(), length
     net = build_model(ModelSettings(**SMALL)).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():

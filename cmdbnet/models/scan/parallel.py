@@ -139,20 +139,45 @@ def parallel_backward(saved, delta_softplus, need, gout, glast):
     return gu, gdt, gA, gB, gC, gD, gz, gbias, None
 
 
+EXPORT_CHUNK = 8  # pairs scanned together before the carries: fewest full-size passes (see export_scan)
+
+
+def _combine_levels(a: torch.Tensor, x: torch.Tensor, keep_a: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hillis-Steele along the last dim by slicing and concatenating: (a, x) o (a', x') = (a a', a x' + x).
+    Returns the prefix decays (only when ``keep_a``: the last level's are never read otherwise) and states."""
+    n, s = x.shape[-1], 1
+    while s < n:
+        x = torch.cat((x[..., :s], x[..., s:] + a[..., s:] * x[..., :-s]), -1)
+        if keep_a or 2 * s < n:
+            a = torch.cat((a[..., :s], a[..., s:] * a[..., :-s]), -1)
+        s *= 2
+    return a, x
+
+
+def _export_states(a: torch.Tensor, x: torch.Tensor, chunk: int = EXPORT_CHUNK) -> torch.Tensor:
+    """``h_t = a_t h_{t-1} + x_t`` along the last dim, as plain ops: scan within chunks of ``chunk``
+    steps, scan the chunks' end states (recursively, on 1/chunk of the data), then add each chunk's
+    carry-in times its prefix decays. A full-size pass per level within a chunk (3 levels) instead
+    of one per doubling of L (14 at L = 16384); lengths that do not split evenly scan whole."""
+    n = x.shape[-1]
+    if n <= chunk or n % chunk:
+        return _combine_levels(a, x, keep_a=False)[1]
+    lead, m = x.shape[:-1], n // chunk
+    a, x = _combine_levels(a.expand_as(x).reshape(*lead, m, chunk), x.reshape(*lead, m, chunk), keep_a=True)
+    ends = _export_states(a[..., -1], x[..., -1], chunk)
+    carry = torch.cat((torch.zeros_like(ends[..., :1]), ends[..., :-1]), -1).unsqueeze(-1)
+    return (x + a * carry).reshape(*lead, n)
+
+
 def export_scan(u, delta, A, B, C, D, delta_bias):  # noqa: N803
     """ParallelScan's forward (softplus delta, no z) without in-place ops or ``out=``: the form an
-    ONNX exporter traces into a fixed graph. Each level combines pairs at distance ``s`` exactly as
-    :func:`linear_scan` does, (a, x) o (a', x') = (a a', a x' + x), by slicing and concatenating."""
+    ONNX exporter traces into a fixed graph of slices, multiply-adds and concatenations (the
+    combination :func:`linear_scan` uses, in chunks joined by their carries: ``_export_states``)."""
     b, d, l = u.shape  # noqa: E741
     g = B.shape[1] if B.dim() == 4 else 1
     B, C = (t.view(b, 1, *t.shape[1:]) if t.dim() == 3 else t for t in (B, C))  # noqa: N806
     _, dt = _delta(delta, delta_bias, True)
     a, _, x = _operands(u, dt, A, B, g)
-    s = 1
-    while s < l:
-        x = torch.cat((x[..., :s], x[..., s:] + a[..., s:] * x[..., :-s]), -1)
-        if 2 * s < l:  # the last level's decays are never read
-            a = torch.cat((a[..., :s], a[..., s:] * a[..., :-s]), -1)
-        s *= 2
+    x = _export_states(a, x)
     y = (x * C.unsqueeze(2)).sum(-2).reshape(b, d, l)
     return y if D is None else y + u * D[:, None]
