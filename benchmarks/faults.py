@@ -91,7 +91,8 @@ def _alive(pid: int) -> bool:
 def interrupted_run(cmd: list[str], sig: int, delay: float) -> tuple[int, str, int]:
     """Run ``cmd``, signal it after ``delay`` s; (exit status, stderr, processes left running)."""
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True,  # Ctrl-C as a terminal delivers it, even from a background job:
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     tree: set[int] = set()
     end = time.monotonic() + delay
     while time.monotonic() < end and proc.poll() is None:

@@ -90,6 +90,8 @@ DRIVER = textwrap.dedent("""
     from cmdbnet.api import train
     from cmdbnet.settings import load_settings
 
+    # Python's own Ctrl-C handler, also when the test runs in a background job (SIGINT ignored there)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     cfg, prepared, out, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     resume = out if kill_at == 0 else None
     s = load_settings(cfg, {"data": {"prepared": prepared}, "train": {"out": out, "resume": resume}})
