@@ -139,7 +139,7 @@ def parallel_backward(saved, delta_softplus, need, gout, glast):
     return gu, gdt, gA, gB, gC, gD, gz, gbias, None
 
 
-EXPORT_CHUNK = 8  # pairs scanned together before the carries: fewest full-size passes (see export_scan)
+EXPORT_CHUNK = 8  # steps scanned together before the carries (see _export_states)
 
 
 def _combine_levels(a: torch.Tensor, x: torch.Tensor, keep_a: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,18 +155,31 @@ def _combine_levels(a: torch.Tensor, x: torch.Tensor, keep_a: bool) -> tuple[tor
 
 
 def _export_states(a: torch.Tensor, x: torch.Tensor, chunk: int = EXPORT_CHUNK) -> torch.Tensor:
-    """``h_t = a_t h_{t-1} + x_t`` along the last dim, as plain ops: scan within chunks of ``chunk``
-    steps, scan the chunks' end states (recursively, on 1/chunk of the data), then add each chunk's
-    carry-in times its prefix decays. A full-size pass per level within a chunk (3 levels) instead
-    of one per doubling of L (14 at L = 16384); lengths that do not split evenly scan whole."""
+    """``h_t = a_t h_{t-1} + x_t`` along the last dim, as plain ops for an exporter.
+
+    The steps are cut into chunks of ``chunk`` and laid out step-major, ``(..., chunk, L/chunk)``,
+    so that each step of every chunk is one contiguous row: the chunks advance together, one
+    step at a time, with row slices and multiply-adds; their end states are scanned the same way
+    (recursively, on 1/chunk of the data), and each chunk's carry-in times its prefix decays is
+    added. Fewer and cheaper full-size passes than the log-depth form's one per doubling of L,
+    whose slices an ONNX runtime copies at every level. Lengths that do not split evenly take
+    the log-depth form.
+    """
     n = x.shape[-1]
     if n <= chunk or n % chunk:
         return _combine_levels(a, x, keep_a=False)[1]
     lead, m = x.shape[:-1], n // chunk
-    a, x = _combine_levels(a.expand_as(x).reshape(*lead, m, chunk), x.reshape(*lead, m, chunk), keep_a=True)
-    ends = _export_states(a[..., -1], x[..., -1], chunk)
-    carry = torch.cat((torch.zeros_like(ends[..., :1]), ends[..., :-1]), -1).unsqueeze(-1)
-    return (x + a * carry).reshape(*lead, n)
+    a = a.expand_as(x).reshape(*lead, m, chunk).transpose(-1, -2)
+    x = x.reshape(*lead, m, chunk).transpose(-1, -2)
+    hs, decays = [x[..., :1, :]], [a[..., :1, :]]
+    for i in range(1, chunk):
+        ai = a[..., i:i + 1, :]
+        hs.append(x[..., i:i + 1, :] + ai * hs[-1])
+        decays.append(ai * decays[-1])
+    ends = _export_states(decays[-1].squeeze(-2), hs[-1].squeeze(-2), chunk)
+    carry = torch.cat((torch.zeros_like(ends[..., :1]), ends[..., :-1]), -1).unsqueeze(-2)
+    h = torch.cat([hi + di * carry for hi, di in zip(hs, decays)], -2)
+    return h.transpose(-1, -2).reshape(*lead, n)
 
 
 def export_scan(u, delta, A, B, C, D, delta_bias):  # noqa: N803
@@ -176,7 +189,8 @@ def export_scan(u, delta, A, B, C, D, delta_bias):  # noqa: N803
     b, d, l = u.shape  # noqa: E741
     g = B.shape[1] if B.dim() == 4 else 1
     B, C = (t.view(b, 1, *t.shape[1:]) if t.dim() == 3 else t for t in (B, C))  # noqa: N806
-    _, dt = _delta(delta, delta_bias, True)
+    pre = delta if delta_bias is None else delta + delta_bias[:, None]
+    dt = F.relu(pre) + torch.log1p(torch.exp(-pre.abs()))  # softplus in ops a runtime vectorises (its own does not)
     a, _, x = _operands(u, dt, A, B, g)
     x = _export_states(a, x)
     y = (x * C.unsqueeze(2)).sum(-2).reshape(b, d, l)
