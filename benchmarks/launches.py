@@ -147,20 +147,25 @@ class _CountedLaunch:
         return launch
 
 
-def count_step(route: str, batch: int, crop: int) -> tuple[Counter, Counter]:
-    """Aten ops and kernel-launching ops of one training step (forward, losses, backward, clip,
-    AdamW) per part: the second step, as every later one (the first also creates AdamW's state)."""
+def _training_parts(batch: int, crop: int, accum: int):
+    """The default network, its loss, AdamW, the train settings and ``accum`` random micro-batches."""
     torch.manual_seed(0)
     s = Settings()
     model = build_model(s.model.model_copy(update={"pretrained": "off", "backbone_weights": None})).train()
     t = s.train
     loss_fn = CMDBLoss(s.model.num_classes, 255, t.aux_weight, t.boundary_weight, t.boundary_width,
                        t.dice_weight, t.class_weights)
-    opt = build_optimizer(model, t)
+    batches = [{"image": torch.randn(batch, s.model.in_channels, crop, crop),
+                "label": torch.randint(0, s.model.num_classes, (batch, crop, crop))} for _ in range(accum)]
+    return model, loss_fn, build_optimizer(model, t), t, batches
+
+
+def count_step(route: str, batch: int, crop: int) -> tuple[Counter, Counter]:
+    """Aten ops and kernel-launching ops of one training step (forward, losses, backward, clip,
+    AdamW) per part: the second step, as every later one (the first also creates AdamW's state)."""
+    model, loss_fn, opt, t, batches = _training_parts(batch, crop, 1)
     for group in opt.param_groups:
         group["foreach"] = True  # what AdamW picks for CUDA parameters
-    batches = [{"image": torch.randn(batch, s.model.in_channels, crop, crop),
-                "label": torch.randint(0, s.model.num_classes, (batch, crop, crop))}]
     counter = OpCounter()
     _attribute(model, counter)
 
@@ -231,15 +236,7 @@ class SyncCounter(TorchDispatchMode):
 
 def count_syncs(accum: int, batch: int, crop: int) -> int:
     """Host syncs of one optimizer step of ``accum`` micro-batches (the second step), plus the trainer's loss read."""
-    torch.manual_seed(0)
-    s = Settings()
-    model = build_model(s.model.model_copy(update={"pretrained": "off", "backbone_weights": None})).train()
-    t = s.train
-    loss_fn = CMDBLoss(s.model.num_classes, 255, t.aux_weight, t.boundary_weight, t.boundary_width,
-                       t.dice_weight, t.class_weights)
-    opt = build_optimizer(model, t)
-    batches = [{"image": torch.randn(batch, s.model.in_channels, crop, crop),
-                "label": torch.randint(0, s.model.num_classes, (batch, crop, crop))} for _ in range(accum)]
+    model, loss_fn, opt, t, batches = _training_parts(batch, crop, accum)
     counter = SyncCounter()  # AdamW is fused (build_optimizer): its step counters live beside the parameters
 
     def step() -> bool:
