@@ -157,29 +157,27 @@ def _combine_levels(a: torch.Tensor, x: torch.Tensor, keep_a: bool) -> tuple[tor
 def _export_states(a: torch.Tensor, x: torch.Tensor, chunk: int = EXPORT_CHUNK) -> torch.Tensor:
     """``h_t = a_t h_{t-1} + x_t`` along the last dim, as plain ops for an exporter.
 
-    The steps are cut into chunks of ``chunk`` and laid out step-major, ``(..., chunk, L/chunk)``,
-    so that each step of every chunk is one contiguous row: the chunks advance together, one
-    step at a time, with row slices and multiply-adds; their end states are scanned the same way
-    (recursively, on 1/chunk of the data), and each chunk's carry-in times its prefix decays is
-    added. Fewer and cheaper full-size passes than the log-depth form's one per doubling of L,
-    whose slices an ONNX runtime copies at every level. Lengths that do not split evenly take
-    the log-depth form.
+    The steps are cut into chunks of ``chunk``; one Split per operand hands out each step of
+    every chunk, and the chunks advance together, one step at a time, with multiply-adds; their
+    end states are scanned the same way (recursively, on 1/chunk of the data), and each chunk's
+    carry-in times its prefix decays is added. The log-depth form instead slices and
+    concatenates the whole sequence once per doubling of L, which an ONNX runtime copies at
+    every level. Lengths that do not split evenly take the log-depth form.
     """
     n = x.shape[-1]
     if n <= chunk or n % chunk:
         return _combine_levels(a, x, keep_a=False)[1]
     lead, m = x.shape[:-1], n // chunk
-    a = a.expand_as(x).reshape(*lead, m, chunk).transpose(-1, -2)
-    x = x.reshape(*lead, m, chunk).transpose(-1, -2)
-    hs, decays = [x[..., :1, :]], [a[..., :1, :]]
-    for i in range(1, chunk):
-        ai = a[..., i:i + 1, :]
-        hs.append(x[..., i:i + 1, :] + ai * hs[-1])
+    steps_a = a.expand_as(x).reshape(*lead, m, chunk).split(1, -1)  # one Split: each step's column
+    steps_x = x.reshape(*lead, m, chunk).split(1, -1)
+    hs, decays = [steps_x[0]], [steps_a[0]]
+    for ai, xi in zip(steps_a[1:], steps_x[1:]):
+        hs.append(xi + ai * hs[-1])
         decays.append(ai * decays[-1])
-    ends = _export_states(decays[-1].squeeze(-2), hs[-1].squeeze(-2), chunk)
-    carry = torch.cat((torch.zeros_like(ends[..., :1]), ends[..., :-1]), -1).unsqueeze(-2)
-    h = torch.cat([hi + di * carry for hi, di in zip(hs, decays)], -2)
-    return h.transpose(-1, -2).reshape(*lead, n)
+    ends = _export_states(decays[-1].squeeze(-1), hs[-1].squeeze(-1), chunk)
+    carry = torch.cat((torch.zeros_like(ends[..., :1]), ends[..., :-1]), -1).unsqueeze(-1)
+    h = torch.cat([hi + di * carry for hi, di in zip(hs, decays)], -1)
+    return h.reshape(*lead, n)
 
 
 def export_scan(u, delta, A, B, C, D, delta_bias):  # noqa: N803
