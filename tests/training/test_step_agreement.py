@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -231,7 +232,8 @@ def test_two_ranks_halve_together_when_one_runs_out_of_memory(prepared_potsdam, 
     proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=240)  # before: rank 0 waited in the gradient all-reduce until the timeout
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = sorted((json.loads(ln[7:]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")),
+    # the ranks share one stdout pipe: their lines may run together, so take each object whole
+    results = sorted((json.loads(m) for m in re.findall(r"RESULT (\{[^{}]*\})", proc.stdout)),
                      key=lambda r: r["rank"])
     assert [(r["micro_batch"], r["accum"], r["steps"]) for r in results] == [(1, 2, 1)] * 2, results
     assert results[1]["seen"] == [[2, None], [1, True]]  # rank 1's failed activation freed before its retry
