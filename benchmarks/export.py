@@ -14,7 +14,7 @@ QGIS's Deepness allows, ``pip install --target DIR onnxruntime==1.17.3 "numpy<2"
 process and compares its probabilities with this process's onnxruntime.
 
     python benchmarks/export.py                        # default network, tile 512
-    python benchmarks/export.py --tile 256 --windows 8 --ort117 /work/ort117
+    python benchmarks/export.py --tile 256 --windows 8 --ort117 ~/ort117
 
 :func:`cuda_rows` is the GPU check's part for onnxruntime's CUDA provider.
 """
