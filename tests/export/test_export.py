@@ -17,7 +17,8 @@ from rasterio.transform import from_origin
 from typer.testing import CliRunner
 
 import cmdbnet
-from cmdbnet.checkpoint import load_model, save_checkpoint
+from calibrated import save_calibrated_checkpoint  # noqa: E402 - tests/calibrated.py
+from cmdbnet.checkpoint import load_model
 from cmdbnet.cli import app
 from cmdbnet.data.registry import ISPRS_CLASSES, ISPRS_PALETTE
 from cmdbnet.data.synthetic import render_scene
@@ -39,22 +40,7 @@ def _scenes(n: int, size: int, seed: int) -> np.ndarray:
 
 def _checkpoint(path: Path, **model) -> Path:
     """A network with batch-norm statistics measured on scenes (so its masks follow the image)."""
-    torch.manual_seed(0)
-    settings = Settings(model=ModelSettings(**model))
-    net = build_model(settings.model)
-    for mod in net.modules():
-        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-            mod.reset_running_stats()
-            mod.momentum = None
-    x = torch.from_numpy(_scenes(2, 96, 1)).float()
-    with torch.no_grad():
-        net.train()((x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1))
-    dataset = {"name": "potsdam", "classes": list(ISPRS_CLASSES), "palette": [list(p) for p in ISPRS_PALETTE],
-               "ignore_index": 255, "bands": "rgb", "band_count": 3, "dtype": "uint8",
-               "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
-    save_checkpoint(path, {"model": net.state_dict(), "settings": settings.model_dump(mode="json"),
-                           "dataset": dataset})
-    return path
+    return save_calibrated_checkpoint(path, Settings(model=ModelSettings(**model)), _scenes(2, 96, 1))
 
 
 def cli(*args) -> object:

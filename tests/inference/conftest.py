@@ -8,13 +8,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import rasterio
-import torch
 from rasterio.transform import from_origin
 
-from cmdbnet.checkpoint import save_checkpoint
-from cmdbnet.data.registry import ISPRS_CLASSES, ISPRS_PALETTE
-from cmdbnet.models import build_model
-from cmdbnet.settings import IMAGENET_MEAN, IMAGENET_STD, ModelSettings, Settings
+from calibrated import save_calibrated_checkpoint  # noqa: E402 - tests/calibrated.py
+from cmdbnet.settings import ModelSettings, Settings
 
 GSD = 0.5
 # name, rows, cols, seed, (col, row) of its north-west corner on a shared 0.5 m grid
@@ -50,25 +47,11 @@ def make_folder(folder: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
     settings = Settings(model=ModelSettings(backbone="resnet18", mamba_depths=[1, 1, 1, 1],
                                             mamba_dims=[16, 32, 64, 128], fusion_channels=32, pretrained="off",
                                             drop_path=0.0))
-    net = build_model(settings.model)
-    for mod in net.modules():  # statistics from scenes, so masks follow the image (several classes)
-        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-            mod.reset_running_stats()
-            mod.momentum = None
-    crops = torch.from_numpy(np.stack([scene(96, 96, seed=10 + i) for i in range(4)])).float()
-    with torch.no_grad():
-        net.train()((crops - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1))
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    dataset = {"name": "potsdam", "classes": list(ISPRS_CLASSES), "palette": [list(p) for p in ISPRS_PALETTE],
-               "ignore_index": 255, "bands": "rgb", "band_count": 3, "dtype": "uint8",
-               "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
-    save_checkpoint(path, {"model": net.state_dict(), "settings": settings.model_dump(mode="json"),
-                           "dataset": dataset})
-    return path
+    crops = np.stack([scene(96, 96, seed=10 + i) for i in range(4)])
+    return save_calibrated_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", settings, crops)
 
 
 
